@@ -1,0 +1,36 @@
+"""Per-epoch DeepSpeed checkpoints in the run folder, and resuming from the newest one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def directory(run_dir: Path) -> Path:
+    """Where DeepSpeed writes its checkpoint tags (and the `latest` file)."""
+    return Path(run_dir) / "checkpoints"
+
+
+def save(engine, run_dir: Path, epoch: int, step: int, config: dict) -> str:
+    """Checkpoint after `epoch` finished epochs (collective: every rank must call it)."""
+    tag = f"epoch-{epoch:03d}"
+    engine.save_checkpoint(str(directory(run_dir)), tag=tag,
+                           client_state={"epoch": epoch, "step": step, "config": config})
+    return tag
+
+
+def resume(engine, run_dir: Path, config: dict) -> tuple[int, int, str | None]:
+    """(finished epochs, global step, tag) from the newest checkpoint, or (0, 0, None) when there is none.
+
+    Model, optimizer (momentum buffers) and lr scheduler come back through DeepSpeed; a checkpoint made with
+    a different config is refused rather than silently continued.
+    """
+    ckpt = directory(run_dir)
+    if not (ckpt / "latest").is_file():
+        return 0, 0, None
+    path, client = engine.load_checkpoint(str(ckpt))
+    if path is None:
+        raise RuntimeError(f"{ckpt}: 'latest' names a checkpoint DeepSpeed could not load")
+    if client["config"] != config:
+        raise ValueError(f"{path} was written with a different config than {Path(run_dir) / 'config.json'}; "
+                         "start a new run folder instead of resuming this one")
+    return client["epoch"], client["step"], Path(path).parent.name  # path is the model-states file in the tag folder

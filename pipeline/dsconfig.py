@@ -1,0 +1,71 @@
+"""The DeepSpeed JSON, reconciled with the config before anything is submitted.
+
+DeepSpeed itself is not imported here: the launcher on a login node needs only this."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from pipeline.config import Config, Plan
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Keys of DeepSpeed's JSON that belong to our config instead: DeepSpeed's optimizers and schedulers would
+# silently replace the paper's SGD and its per-iteration warmup.
+FORBIDDEN_KEYS = ("optimizer", "scheduler")
+
+
+def ds_config_path(cfg: Config) -> Path:
+    """The DeepSpeed JSON to use: train.ds_config, else ds_configs/<precision>.json of this project."""
+    if cfg.train.ds_config:
+        return Path(cfg.train.ds_config)
+    return PROJECT_ROOT / "ds_configs" / f"{cfg.train.precision}.json"
+
+
+def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict:
+    """DeepSpeed's JSON checked against the config and completed with the batch keys.
+
+    Every disagreement is an error naming the file, both values and the fix; nothing is silently changed.
+    """
+    ds = copy.deepcopy(raw)
+    errors = []
+    for key in FORBIDDEN_KEYS:
+        if key in ds:
+            errors.append(f'"{key}" must not be set: the optimizer and lr schedule come from the config '
+                          "(optim.*, schedule.*); remove the key")
+    expected = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": plan.global_batch,
+    }
+    for key, want in expected.items():
+        if key in ds and ds[key] != want:
+            errors.append(f"{key}={ds[key]} but the config gives {want}; remove the key or make them agree")
+        ds[key] = want
+    # DeepSpeed clips gradients at 1.0 when the key is absent; the paper clips nothing.
+    if ds.setdefault("gradient_clipping", 0.0) != 0:
+        errors.append(f"gradient_clipping={ds['gradient_clipping']}; the recipe clips nothing, set it to 0")
+    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage != 0:
+        errors.append(f"zero_optimization.stage={stage}; pure data parallelism needs stage 0")
+    if ds.get("fp16", {}).get("enabled", False):
+        errors.append("fp16.enabled=true; fp16 loss scaling skips steps and shifts the schedule, use bf16")
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if bf16 != (cfg.train.precision == "bf16"):
+        errors.append(f"bf16.enabled={str(bf16).lower()} but train.precision={cfg.train.precision!r}; make them agree")
+    if errors:
+        raise ValueError(f"{source}: " + "; ".join(errors))
+    return ds
+
+
+def load_ds_config(cfg: Config, plan: Plan) -> dict:
+    """Read and reconcile the DeepSpeed JSON the config points at."""
+    path = ds_config_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.ds_config: no file {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return reconcile_ds_config(raw, str(path), cfg, plan)

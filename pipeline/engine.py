@@ -1,0 +1,56 @@
+"""The DeepSpeed engine for pure data parallelism: client torch SGD and our per-iteration schedule."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+
+from pipeline import schedule
+from pipeline.config import Config, Plan
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Parameters split by weight decay: conv/FC weights decay; BN gamma/beta and biases only if configured."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for name, param in module.named_parameters(recurse=False):
+            if is_bn:
+                wanted = cfg.optim.weight_decay_bn
+            elif name == "bias":
+                wanted = cfg.optim.weight_decay_bias
+            else:
+                wanted = True
+            (decay if wanted else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, plan: Plan) -> torch.optim.SGD:
+    """torch SGD with momentum; the lr it holds is the peak, scaled per step by the schedule.
+
+    torch keeps the lr outside the momentum buffer: u <- m u + (g + wd w); w <- w - lr u. The paper's form
+    keeps it inside (v <- m v + lr g; w <- w - v) and so needs momentum correction (remark 2) when lr
+    changes; torch's form is that corrected update, so no correction is applied here. Weight decay is
+    added to the gradient after DeepSpeed's allreduce, once (eq. 8), never scaled with the loss.
+    """
+    return torch.optim.SGD(param_groups(model, cfg), lr=plan.peak_lr, momentum=cfg.optim.momentum,
+                           nesterov=cfg.optim.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -> torch.optim.lr_scheduler.LambdaLR:
+    """schedule.lr_at as a torch scheduler; DeepSpeed steps it once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule.lr_at(step, cfg.optim.base_lr, plan, cfg.schedule) / plan.peak_lr
+    )
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict):
+    """deepspeed.initialize with our SGD and schedule; torch.distributed must already be initialised."""
+    optimizer = build_optimizer(model, cfg, plan)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=build_scheduler(optimizer, cfg, plan),
+                                           config=ds_config, dist_init_required=False)
+    return engine

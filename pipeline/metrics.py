@@ -1,0 +1,59 @@
+"""Tagged JSON-lines metrics (`{"_type": "train_iter", ...}`) and the progress lines made from them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object a line to metrics.jsonl; a no-op on every rank but the primary."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, _type: str, **fields) -> dict:
+        """Append a record tagged `_type` with a wall-clock `time`; returns it."""
+        record = {"_type": _type, "time": round(time.time(), 3), **fields}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def read(path: Path) -> list[dict]:
+    """Every complete record of a metrics file (a half-written last line is ignored)."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 4m05s, 37s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def progress_line(record: dict) -> str | None:
+    """The human line for a record, or None for records that get none."""
+    kind = record.get("_type")
+    if kind == "train_iter":
+        return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch'] + 1} "
+                f"lr {record['lr']:.4g} loss {record['loss']:.4f} {record['img_s']:.0f} img/s")
+    if kind == "eval":
+        return (f"epoch {record['epoch'] + 1}/{record['epochs']} done: top1_err {record['top1_err']:.2f}% "
+                f"top5_err {record['top5_err']:.2f}% on {record['num_samples']} images, "
+                f"epoch {duration(record['epoch_s'])}, eta {duration(record['eta_s'])}")
+    if kind == "resume":
+        return f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
+    return None

@@ -1,0 +1,21 @@
+"""The learning rate as a pure function of the global optimizer step (paper 2.1, 2.2, 5.1)."""
+
+from __future__ import annotations
+
+from pipeline.config import Plan, ScheduleConfig
+
+
+def lr_at(step: int, base_lr: float, plan: Plan, sched: ScheduleConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    warmup (step < W):  lr = base_lr + (peak - base_lr) * step / W     (gradual warmup, paper 2.2)
+    after:              lr = peak * gamma ** #{m in milestones : step / steps_per_epoch >= m}
+
+    with peak = plan.peak_lr = base_lr * kn / reference_batch (linear scaling, paper 2.1) and W =
+    plan.warmup_steps, which is 0 when kn <= reference_batch. Warmup starts at base_lr, not at 0, and
+    changes every iteration, not every epoch.
+    """
+    if step < plan.warmup_steps:
+        return base_lr + (plan.peak_lr - base_lr) * step / plan.warmup_steps
+    epoch = step / plan.steps_per_epoch
+    return plan.peak_lr * sched.gamma ** sum(epoch >= m for m in sched.milestones)

@@ -1,0 +1,206 @@
+"""Offline conversion of an ImageNet-style folder tree into WebDataset tar shards with a manifest.
+
+    python -m pipeline.shards convert --src ROOT --out DIR
+
+ROOT/train/<class>/<file> and ROOT/val/<class>/<file> become DIR/train-000000.tar ... and DIR/train.json,
+DIR/val.json. A sample is `<key>.jpg` (RGB JPEG bytes) + `<key>.cls` (decimal label). Labels index the
+sorted class-folder names of train/. Train files are written in a seeded random order: a shard of one
+class would leave the loader's shuffle buffer with a handful of classes per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+SPLITS = ("train", "val")
+MANIFEST_VERSION = 1
+EXIF_ORIENTATION = 0x0112
+REENCODE_QUALITY = 95
+
+
+class BadImage(Exception):
+    """A source file that cannot become an RGB JPEG sample; its message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What DIR/<split>.json says about a split's shards."""
+
+    path: Path
+    split: str
+    num_samples: int
+    classes: list[str]
+    shards: list[dict]  # [{"name", "num_samples", "sha256"}] in stream order
+    skipped: list[dict]  # [{"path", "reason"}]
+
+    def urls(self) -> list[str]:
+        """Shard paths next to the manifest, in manifest order."""
+        return [str(self.path.parent / s["name"]) for s in self.shards]
+
+
+def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
+    """Read and sanity-check DIR/<split>.json; errors name the file and what to do."""
+    path = Path(shards_dir) / f"{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest {path}; create the shards with: python -m pipeline.shards convert --src ROOT --out {shards_dir}"
+        )
+    raw = json.loads(path.read_text())
+    counted = sum(s["num_samples"] for s in raw["shards"])
+    if counted != raw["num_samples"]:
+        raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; reconvert")
+    return Manifest(path, raw["split"], raw["num_samples"], raw["classes"], raw["shards"], raw["skipped"])
+
+
+def list_classes(src: Path) -> list[str]:
+    """Sorted class-folder names of src/train: label i is classes[i]."""
+    train = src / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train} does not exist; --src must hold train/<class>/* and val/<class>/*")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{train} holds no class folders")
+    return classes
+
+
+def list_split(src: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
+    """(path relative to src, label) for every file of a split, sorted by path."""
+    root = src / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist; --src must hold train/<class>/* and val/<class>/*")
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name not in index:
+            raise ValueError(f"{folder}: class {folder.name!r} is not a class folder of {src / 'train'}")
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+        if not files:
+            raise ValueError(f"{folder} is an empty class folder; remove it or add its images")
+        items += [(str(f.relative_to(src)), index[folder.name]) for f in files]
+    return items
+
+
+def sample_key(relpath: str) -> str:
+    """A stable, unique WebDataset key from a relative path (no dots: they split key from extension)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(relpath).with_suffix("")))
+
+
+def rgb_jpeg(data: bytes) -> bytes:
+    """The bytes unchanged if they are an RGB JPEG needing no rotation; else re-encoded as RGB JPEG.
+
+    Raises BadImage for empty, truncated, undecodable or non-image data.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: truncated files fail here, not in the loader
+            rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
+            if image.format == "JPEG" and image.mode == "RGB" and not rotated:
+                return data
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImage(f"not a decodable image: {err}") from None
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=REENCODE_QUALITY)
+    return out.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_shard(src: Path, out: Path, name: str, items, skipped: list[dict], bar) -> dict:
+    """Write one shard under a temporary name, rename it when complete, return its manifest entry."""
+    tmp = out / f".{name}.partial"
+    count = 0
+    with wds.TarWriter(str(tmp), encoder=False) as sink:
+        for relpath, label in items:
+            try:
+                jpg = rgb_jpeg((src / relpath).read_bytes())
+            except (BadImage, OSError) as err:
+                skipped.append({"path": relpath, "reason": str(err)})
+            else:
+                sink.write({"__key__": sample_key(relpath), "jpg": jpg, "cls": str(label).encode()})
+                count += 1
+            bar.update(1)
+    os.replace(tmp, out / name)
+    return {"name": name, "num_samples": count, "sha256": _sha256(out / name)}
+
+
+def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_samples: int, seed: int) -> dict:
+    """Convert one split and write its manifest; returns the manifest dict."""
+    items = list_split(src, split, classes)
+    keys = [sample_key(p) for p, _ in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{src / split}: two files map to the same sample key; rename one of them")
+    if split == "train":
+        order = np.random.default_rng(seed).permutation(len(items))
+        items = [items[i] for i in order]
+    skipped: list[dict] = []
+    shards = []
+    started = time.time()
+    with tqdm(total=len(items), desc=f"{split} shards", unit="img", file=sys.stderr) as bar:
+        for start in range(0, len(items), shard_samples):
+            name = f"{split}-{start // shard_samples:06d}.tar"
+            shards.append(_write_shard(src, out, name, items[start : start + shard_samples], skipped, bar))
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "split": split,
+        "source": str(src.resolve()),
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "classes": classes,
+        "shard_samples": shard_samples,
+        "order_seed": seed if split == "train" else None,
+        "shards": shards,
+        "skipped": skipped,
+    }
+    tmp = out / f".{split}.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / f"{split}.json")
+    total_bytes = sum((out / s["name"]).stat().st_size for s in shards)
+    print(
+        f"{split}: {manifest['num_samples']} samples in {len(shards)} shards, {total_bytes / 1e6:.1f} MB, "
+        f"{len(skipped)} skipped, {time.time() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return manifest
+
+
+def is_complete(out: Path, split: str) -> bool:
+    """True when DIR/<split>.json exists and every shard it lists is on disk."""
+    try:
+        manifest = load_manifest(out, split)
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+        return False
+    return all(Path(url).is_file() for url in manifest.urls())
+
+
+def convert(src: Path, out: Path, shard_samples: int = 1000, seed: int = 0, force: bool = False) -> None:
+    """Convert both splits of src into out, keeping splits whose shards are already complete."""
+    if shard_samples < 1:
+        raise ValueError(f"--shard-samples={shard_samples} must be at least 1")
+    classes = list_classes(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        if not force and is_complete(out, split):
+            print(f"{split}: {out / (split + '.json')} is complete, kept (--force rewrites)", file=sys.stderr)
+            continue
+        convert_split(src, out, split, classes, shard_samples, seed)

@@ -1,0 +1,139 @@
+"""What every rank runs: stream its part of the shards through the DeepSpeed engine, evaluate, checkpoint.
+
+All state lives in the run folder (config.json, ds_config.json, metrics.jsonl, checkpoints/), so the job
+(pipeline.job.TrainJob) is just that folder's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import deepspeed
+import submitit
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint, data, metrics, model
+from pipeline.engine import build_engine
+from pipeline.config import Config, Plan, load_run_config, to_dict
+from pipeline.shards import load_manifest
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """torch.distributed from the environment (submitit's, when RANK is not already set); the rank's device."""
+    if "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    torch.set_num_threads(cfg.cluster.cpus_per_task)
+    backend = cfg.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return device
+
+
+def average_bn_statistics(net: torch.nn.Module) -> None:
+    """Make BN running statistics the mean over ranks, so every rank evaluates the same model.
+
+    BN trains on per-rank statistics (paper 2.3) and so each rank's running averages differ; they are
+    only used by evaluation, which then sees k times more images behind each estimate.
+    """
+    world = dist.get_world_size()
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)  # all_reduce: per-rank running stats -> sum, then mean
+                buffer.div_(world)
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: Config, manifest, device: torch.device) -> dict:
+    """Top-1/top-5 error on the whole validation split, each image counted once across ranks."""
+    engine.eval()
+    average_bn_statistics(engine.module)
+    stream = data.EvalStream(manifest, cfg.data, cfg.train.micro_batch, dist.get_rank(), dist.get_world_size())
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
+    k = min(5, cfg.model.num_classes)
+    for images, labels in data.loader(stream, cfg.data.workers, device.type == "cuda"):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        topk = engine(data.normalize(images, cfg.data)).topk(k, dim=1).indices
+        hits = topk == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).to(counts)
+    dist.all_reduce(counts)  # all_reduce: per-rank counts -> global counts
+    top1, top5, seen = counts.tolist()
+    if int(seen) != manifest.num_samples:
+        raise RuntimeError(f"evaluated {int(seen)} images but {manifest.path} lists {manifest.num_samples}")
+    return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
+
+
+def train_epoch(engine, cfg: Config, plan: Plan, manifest, epoch: int, step: int, device, log) -> int:
+    """One epoch of plan.steps_per_epoch optimizer steps; returns the new global step."""
+    engine.train()
+    micro_batches = plan.steps_per_epoch * cfg.train.grad_accum
+    stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, micro_batches,
+                              dist.get_rank(), dist.get_world_size(), cfg.train.seed, epoch)
+    window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+    for images, labels in data.loader(stream, cfg.data.workers, device.type == "cuda"):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
+        loss = torch.nn.functional.cross_entropy(engine(data.normalize(images, cfg.data)), labels)
+        engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (inside DeepSpeed)
+        lr = engine.get_lr()[0]
+        engine.step()
+        window_loss += loss.detach()  # summed on the device: no host sync per step
+        window_n += 1
+        if not engine.is_gradient_accumulation_boundary():
+            continue
+        step += 1
+        if step % cfg.train.log_every == 0 or step == plan.total_steps:
+            elapsed = time.time() - window_start
+            log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
+                      img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
+            window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+    return step
+
+
+def run(run_dir: Path) -> dict:
+    """Train the run in run_dir from its newest checkpoint to the end; returns the last eval record."""
+    run_dir = Path(run_dir)
+    cfg, plan = load_run_config(run_dir)
+    device = init_distributed(cfg)
+    primary = dist.get_rank() == 0
+    log = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=primary)
+    train_manifest = load_manifest(cfg.data.shards, "train")
+    val_manifest = load_manifest(cfg.data.shards, "val")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    net = model.build(cfg.model).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    engine = build_engine(net, cfg, plan, ds_config)
+    config_dict = to_dict(cfg)
+    epoch, step, tag = checkpoint.resume(engine, run_dir, config_dict)
+    log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg))
+    if tag is not None:
+        log.write("resume", checkpoint=tag, epoch=epoch, step=step)
+    result = {}
+    started = time.time()
+    first_epoch = epoch
+    while epoch < cfg.schedule.epochs:
+        epoch_start = time.time()
+        step = train_epoch(engine, cfg, plan, train_manifest, epoch, step, device, log)
+        result = evaluate(engine, cfg, val_manifest, device)
+        epoch += 1
+        checkpoint.save(engine, run_dir, epoch, step, config_dict)
+        per_epoch = (time.time() - started) / (epoch - first_epoch)
+        record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=step, **result,
+                           epoch_s=time.time() - epoch_start, eta_s=per_epoch * (cfg.schedule.epochs - epoch))
+        if primary:
+            print(metrics.progress_line(record), flush=True)
+    dist.barrier()
+    return result
+

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small ImageNet-style tree of real Fashion-MNIST photos, and its shards."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import demo, shards
+
+TRAIN_PER_CLASS = 24
+VAL_PER_CLASS = 7
+
+
+def write_tree(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS) -> Path:
+    """root/{train,val}/<class>/*.JPEG from the first Fashion-MNIST images of each class."""
+    for split, prefix, per_class in (("train", "train", train_per_class), ("val", "t10k", val_per_class)):
+        images = demo.read_idx(demo.FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
+        labels = demo.read_idx(demo.FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
+        written = {c: 0 for c in range(len(demo.CLASSES))}
+        for i, label in enumerate(labels):
+            if written[label] == per_class:
+                continue
+            folder = root / split / demo.CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).convert("RGB").save(folder / f"{split}_{i:05d}.JPEG", quality=95)
+            written[label] += 1
+            if all(v == per_class for v in written.values()):
+                break
+    return root
+
+
+@pytest.fixture(scope="session")
+def weird_root(tmp_path_factory) -> Path:
+    """A folder whose path has spaces, quotes and a semicolon: every path must survive it."""
+    path = tmp_path_factory.mktemp("data") / "with space 'quote\" ;semi"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_tree(weird_root) -> Path:
+    return write_tree(weird_root / "images")
+
+
+@pytest.fixture(scope="session")
+def shard_dir(image_tree, weird_root) -> Path:
+    """240 train and 70 val real photos in shards of 25 (uneven counts: the last shard holds 15)."""
+    out = weird_root / "shards"
+    shards.convert(image_tree, out, shard_samples=25)
+    return out
+
+
+@pytest.fixture(scope="session")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,82 @@
+import dataclasses
+import json
+
+import pytest
+
+from pipeline import config
+
+
+def test_paper_8k_arithmetic():
+    cfg = config.preset("goyal_r50_bs8k")
+    plan = config.resolve(cfg)
+    assert plan.world_size == 256
+    assert plan.global_batch == 8192
+    assert plan.peak_lr == pytest.approx(3.2)
+    assert plan.steps_per_epoch == 156  # 1,281,167 images // 8192
+    assert plan.warmup_steps == 5 * 156
+    assert plan.total_steps == 90 * 156
+    assert "global_batch=8192 (32/gpu x 256 x accum 1)" in plan.summary(cfg)
+
+
+def test_paper_256_baseline_needs_no_warmup():
+    plan = config.resolve(config.preset("goyal_r50_bs256"))
+    assert (plan.global_batch, plan.peak_lr, plan.warmup_steps, plan.steps_per_epoch) == (256, 0.1, 0, 5004)
+
+
+def test_grad_accum_emulates_the_larger_batch():
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs8k"), ["cluster.nodes=16", "train.grad_accum=2"])
+    plan = config.resolve(cfg)
+    assert (plan.global_batch, plan.peak_lr, plan.steps_per_epoch) == (8192, pytest.approx(3.2), 156)
+
+
+def test_overrides_are_typed():
+    cfg = config.apply_overrides(config.preset("demo"), [
+        "optim.base_lr=0.2", "schedule.milestones=3,6", "optim.nesterov=false", "train.micro_batch=16"])
+    assert cfg.optim.base_lr == 0.2 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.schedule.milestones == (3.0, 6.0)
+    assert cfg.optim.nesterov is False
+    assert cfg.train.micro_batch == 16
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown config key 'optim\.lr'.*optim\.base_lr"):
+        config.apply_overrides(config.preset("demo"), ["optim.lr=0.1"])
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.micro_batch=3.5", "not a valid int"),
+    ("optim.nesterov=maybe", "expected true or false"),
+    ("optim.base_lr", "not key=value"),
+])
+def test_bad_override_values(item, message):
+    with pytest.raises(ValueError, match=message):
+        config.apply_overrides(config.preset("demo"), [item])
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.preset("demo").optim.base_lr = 1.0
+
+
+def test_impossible_plans_are_refused():
+    with pytest.raises(ValueError, match="precision"):
+        config.resolve(config.apply_overrides(config.preset("demo"), ["train.precision=fp8"]))
+    with pytest.raises(ValueError, match="no full step"):
+        config.resolve(config.apply_overrides(config.preset("demo"), ["data.train_samples=10"]))
+
+
+def test_run_config_round_trip(tmp_path):
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs8k"), ["schedule.milestones=30,60"])
+    plan = config.resolve(cfg)
+    config.save_run_config(tmp_path, cfg, plan)
+    assert config.load_run_config(tmp_path) == (cfg, plan)
+
+
+def test_tampered_run_config_is_refused(tmp_path):
+    cfg = config.preset("demo")
+    config.save_run_config(tmp_path, cfg, config.resolve(cfg))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["plan"]["peak_lr"] = 9.9
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="does not follow"):
+        config.load_run_config(tmp_path)

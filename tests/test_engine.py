@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+from pipeline import config, dsconfig, engine, model
+
+
+def plan_of(cfg):
+    return cfg, config.resolve(cfg)
+
+
+def shipped(precision="fp32"):
+    return json.loads((dsconfig.PROJECT_ROOT / "ds_configs" / f"{precision}.json").read_text())
+
+
+def test_shipped_configs_get_the_batch_keys_and_keep_the_recipe():
+    cfg, plan = plan_of(config.preset("goyal_r50_bs8k"))
+    ds = dsconfig.reconcile_ds_config(shipped(), "fp32.json", cfg, plan)
+    assert ds["train_batch_size"] == 8192
+    assert ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["gradient_clipping"] == 0
+    assert ds["zero_optimization"]["stage"] == 0
+    bf16 = config.apply_overrides(cfg, ["train.precision=bf16"])
+    assert dsconfig.reconcile_ds_config(shipped("bf16"), "bf16.json", bf16, plan)["bf16"]["enabled"] is True
+
+
+def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
+    cfg, plan = plan_of(config.preset("demo"))
+    assert dsconfig.reconcile_ds_config({}, "x.json", cfg, plan)["gradient_clipping"] == 0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optimizer": {"type": "Adam"}}, '"optimizer" must not be set'),
+    ({"scheduler": {"type": "WarmupLR"}}, '"scheduler" must not be set'),
+    ({"gradient_clipping": 1.0}, "gradient_clipping=1.0"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2"),
+    ({"train_batch_size": 4096}, "train_batch_size=4096 but the config gives 64"),
+    ({"fp16": {"enabled": True}}, "fp16"),
+    ({"bf16": {"enabled": True}}, "train.precision='fp32'"),
+])
+def test_recipe_breaking_keys_are_rejected_naming_the_file(raw, message):
+    cfg, plan = plan_of(config.preset("demo"))
+    with pytest.raises(ValueError, match=r"my\.json: .*" + message.replace("(", r"\(").replace(".", r"\.")):
+        dsconfig.reconcile_ds_config(raw, "my.json", cfg, plan)
+
+
+def test_weight_decay_skips_bn_and_biases():
+    cfg = config.preset("demo")
+    net = model.build(cfg.model)
+    decay, no_decay = engine.param_groups(net, cfg)
+    bn = {id(p) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    assert {id(p) for p in no_decay["params"]} == bn | {id(net.fc.bias)}
+    assert all(p.dim() > 1 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+    with_bn = config.apply_overrides(cfg, ["optim.weight_decay_bn=true"])
+    assert {id(p) for p in engine.param_groups(net, with_bn)[1]["params"]} == {id(net.fc.bias)}
+
+
+def test_model_init_follows_the_paper():
+    net = model.build(config.ModelConfig(arch="resnet50"))
+    assert net.fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert all(block.bn3.weight.abs().sum() == 0 for layer in (net.layer1, net.layer4) for block in layer)
+    assert net.layer1[0].conv2.stride == (1, 1) and net.layer2[0].conv2.stride == (2, 2)  # stride on the 3x3
+    with pytest.raises(ValueError, match="valid: .*resnet50"):
+        model.build(config.ModelConfig(arch="vgg16"))

@@ -1,0 +1,91 @@
+import hashlib
+import io
+import json
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline import shards
+from pipeline.shards.__main__ import main as shards_main
+from conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, write_tree
+
+
+def read_all(manifest):
+    return [(s["__key__"], int(s["cls"]), s["jpg"]) for s in wds.WebDataset(manifest.urls(), shardshuffle=False)]
+
+
+def test_round_trip(image_tree, shard_dir):
+    classes = shards.list_classes(image_tree)
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        manifest = shards.load_manifest(shard_dir, split)
+        assert manifest.classes == classes
+        assert manifest.num_samples == per_class * len(classes)
+        assert manifest.shards[-1]["num_samples"] == (manifest.num_samples % 25 or 25)
+        files = {shards.sample_key(str(p.relative_to(image_tree))): p for p in (image_tree / split).rglob("*.JPEG")}
+        samples = read_all(manifest)
+        assert len(samples) == manifest.num_samples
+        assert len({k for k, _, _ in samples}) == len(samples)
+        assert {k for k, _, _ in samples} == set(files)
+        for key, label, jpg in samples:
+            assert jpg == files[key].read_bytes()  # RGB JPEGs are copied untouched
+            assert classes[label] == files[key].parent.name
+        for entry in manifest.shards:
+            assert hashlib.sha256((shard_dir / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_train_order_is_shuffled_and_reproducible(shard_dir):
+    labels = [label for _, label, _ in read_all(shards.load_manifest(shard_dir, "train"))]
+    first_shard = labels[:25]
+    assert len(set(first_shard)) > 3  # a class-sorted shard would hold one or two classes
+
+
+def test_odd_inputs_are_converted_or_skipped(tmp_path):
+    root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
+    folder = root / "train" / "00_tshirt_top"
+    Image.new("L", (20, 20), 128).save(folder / "gray.JPEG", format="JPEG")
+    Image.new("CMYK", (20, 20), (0, 50, 100, 0)).save(folder / "cmyk.JPEG", format="JPEG")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "png_in_disguise.JPEG", format="PNG")
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="JPEG")
+    (folder / "truncated.JPEG").write_bytes(good.getvalue()[:200])
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "notes.JPEG").write_text("not an image")
+    shards.convert(root, tmp_path / "out", shard_samples=4)
+    manifest = shards.load_manifest(tmp_path / "out", "train")
+    skipped = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in manifest.skipped}
+    assert set(skipped) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
+    assert skipped["empty.JPEG"] == "empty file"
+    assert manifest.num_samples == 2 * 10 + 3
+    for _, _, jpg in read_all(manifest):
+        with Image.open(io.BytesIO(jpg)) as image:
+            assert (image.format, image.mode) == ("JPEG", "RGB")
+
+
+def test_rerun_keeps_complete_splits(image_tree, shard_dir, capsys):
+    before = (shard_dir / "train.json").read_text()
+    shards.convert(image_tree, shard_dir, shard_samples=25)
+    assert "is complete, kept" in capsys.readouterr().err
+    assert (shard_dir / "train.json").read_text() == before
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert shards_main(["convert", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "nowhere/train does not exist" in capsys.readouterr().err
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "val" / "b").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "a" / "x.JPEG").write_bytes(b"x")
+    (tmp_path / "src" / "val" / "b" / "y.JPEG").write_bytes(b"y")
+    assert shards_main(["convert", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    assert "class 'b' is not a class folder" in capsys.readouterr().err
+
+
+def test_manifest_missing_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m pipeline.shards convert"):
+        shards.load_manifest(tmp_path, "train")
+
+
+def test_manifest_is_json_with_the_documented_fields(shard_dir):
+    raw = json.loads((shard_dir / "val.json").read_text())
+    assert {"split", "num_samples", "classes", "shards", "skipped"} <= set(raw)
+    assert set(raw["shards"][0]) == {"name", "num_samples", "sha256"}
