@@ -14,6 +14,7 @@ that is why the split below is ours.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -173,10 +174,24 @@ class EvalStream(torch.utils.data.IterableDataset):
         yield from _batches(read_segments(segments), eval_transform(self.cfg), self.batch_size)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a forkserver, not from the rank.
+
+    The rank runs gloo/NCCL, DeepSpeed and queue-feeder threads; a worker forked from it inherits any lock
+    one of them held at that instant and can hang forever (seen here: a worker stuck right after fork at
+    the second evaluation). The forkserver is a fresh single-threaded process with this module preloaded,
+    so starting workers stays cheap.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def loader(stream: torch.utils.data.IterableDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     """A DataLoader over a stream that already yields batches."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None,
+                                       multiprocessing_context=_worker_context() if workers else None)
 
 
 def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
