@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import submitit
 
-from pipeline import config, demo, metrics, report, shards
+from pipeline import config, demo, metrics, report, sbatch, shards
 from pipeline.dsconfig import load_ds_config
 from pipeline.job import TrainJob
 
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time", type=int, default=72 * 60, help="time limit in minutes (default 4320)")
     parser.add_argument("--run-dir", type=Path, help="run folder (default runs/<preset>-<date>-<time>); "
                                                      "an existing one is resumed if its config is the same")
+    parser.add_argument("--emit-sbatch", type=Path, metavar="FILE",
+                        help="prepare the run folder and write an sbatch script for it (slurm/train.sbatch) instead of submitting")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan, submit nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.add_argument("--wait", action="store_true", help="on Slurm, follow the job until it ends (local runs always do)")
@@ -99,7 +102,7 @@ def make_executor(args: argparse.Namespace, cfg: config.Config, run_dir: Path) -
                          "use --cluster local, or --nodes 1 --gpus-per-node 1")
     if executor.cluster != "slurm" and cfg.cluster.nodes != 1:
         raise ValueError(f"--nodes {cfg.cluster.nodes} needs Slurm; this machine runs one node (--cluster {executor.cluster})")
-    gpus = cfg.cluster.gpus_per_node if executor.cluster == "slurm" else 0
+    gpus = cfg.cluster.gpus_per_node if executor.cluster == "slurm" and sbatch.wants_gpus(cfg) else 0
     executor.update_parameters(nodes=cfg.cluster.nodes, tasks_per_node=cfg.cluster.gpus_per_node, gpus_per_node=gpus,
                                cpus_per_task=cfg.cluster.cpus_per_task, timeout_min=args.time, name=run_dir.name)
     if executor.cluster == "slurm":
@@ -161,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             demo.write_image_tree(DEMO_IMAGES)  # the demo makes its own data; any other shards must exist
             shards.convert(DEMO_IMAGES, Path(cfg.data.shards))
         check_shards(cfg)
+        if args.emit_sbatch:
+            script = sbatch.render(cfg, run_dir, args.time, args.partition, Path.cwd())
         prepare_run_dir(run_dir, cfg, plan, ds_config)
+        if args.emit_sbatch:
+            (run_dir / "slurm").mkdir(exist_ok=True)
+            args.emit_sbatch.write_text(script)
+            print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
+            return 0
         executor = make_executor(args, cfg, run_dir)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ SMALL = ["data.train_samples=240", "data.val_samples=70", "data.workers=1", "tra
 
 def submit(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "pipeline.submit", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=300, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,18 @@ def test_dry_run_json_is_the_plan():
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)["plan"]
     assert (plan["global_batch"], plan["steps_per_epoch"], plan["warmup_steps"]) == (8192, 156, 780)
+
+
+def test_emit_sbatch_prepares_the_run_and_submits_nothing(shard_dir, weird_root):
+    run_dir, script = weird_root / "emitted run", weird_root / "job one.sbatch"
+    result = submit("--emit-sbatch", str(script), "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "config.json").is_file() and (run_dir / "ds_config.json").is_file()
+    assert (run_dir / "slurm").is_dir()  # srun writes the rank logs there
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert "pipeline.rank" in script.read_text()
+
+
+def test_rank_entry_point_needs_a_prepared_run(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline.rank", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "--emit-sbatch" in result.stderr

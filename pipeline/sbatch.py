@@ -1,0 +1,51 @@
+"""Renders slurm/train.sbatch for a prepared run folder."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import string
+import sys
+from pathlib import Path
+
+from pipeline.config import Config
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+# #SBATCH lines are read by sbatch, not by a shell: nothing can be quoted there, so values must be plain.
+PLAIN = re.compile(r"^[A-Za-z0-9_.,:=+@%/-]+$")
+
+
+def wants_gpus(cfg: Config) -> bool:
+    """A job on the gloo backend is a CPU job and asks Slurm for no GPUs."""
+    return cfg.cluster.backend != "gloo"
+
+
+def directive(flag: str, value) -> str:
+    """One `#SBATCH --flag=value` line; a value sbatch could misread is an error."""
+    text = str(value)
+    if not PLAIN.match(text):
+        raise ValueError(f"--{flag}={text!r} cannot go on an #SBATCH line; use letters, digits and _.,:=+@%/- only")
+    return f"#SBATCH --{flag}={text}"
+
+
+def render(cfg: Config, run_dir: Path, time_min: int, partition: str | None, workdir: Path,
+           python: str = sys.executable) -> str:
+    """The sbatch script that trains the run in run_dir, every body value shell-quoted."""
+    extra = []
+    if wants_gpus(cfg):
+        extra.append(directive("gpus-per-node", cfg.cluster.gpus_per_node))
+    if partition:
+        extra.append(directive("partition", partition))
+    values = {
+        "job_name": re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name),
+        "nodes": cfg.cluster.nodes,
+        "tasks_per_node": cfg.cluster.gpus_per_node,
+        "cpus_per_task": cfg.cluster.cpus_per_task,
+        "time_min": time_min,
+        "extra_directives": "\n".join(extra),
+        "workdir": shlex.quote(str(workdir)),
+        "log_pattern": shlex.quote(str(run_dir / "slurm" / "%j_%t.log")),
+        "python": shlex.quote(python),
+        "run_dir": shlex.quote(str(run_dir)),
+    }
+    return string.Template(TEMPLATE.read_text()).substitute(values)
