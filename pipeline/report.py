@@ -63,7 +63,7 @@ def write(run_dir: Path) -> str:
     (Path(run_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     png = plot(run_dir)
     speed = f"{summary['img_s']:.0f} img/s" if summary["img_s"] else "no train_iter records"
-    return (f"top-1 error {summary['final_top1_err']:.2f}% (median of last 5 epochs "
-            f"{summary['median_last5_top1_err']:.2f}%), top-5 {summary['final_top5_err']:.2f}% on "
+    return (f"top-1 error {summary['final_top1_err']:.2f}% (median "
+            f"{summary['median_last5_top1_err']:.2f}% over the last {min(5, summary['epochs'])} epochs), top-5 {summary['final_top5_err']:.2f}% on "
             f"{summary['num_val_samples']} images after {summary['epochs']} epochs; "
             f"{metrics.duration(summary['wall_s'])} wall, {speed}; plot {png}")
