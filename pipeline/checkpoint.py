@@ -10,27 +10,29 @@ def directory(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(engine, run_dir: Path, epoch: int, step: int, config: dict) -> str:
-    """Checkpoint after `epoch` finished epochs (collective: every rank must call it)."""
+def save(engine, run_dir: Path, epoch: int, config: dict) -> str:
+    """Checkpoint after `epoch` finished epochs (collective: every rank must call it).
+
+    DeepSpeed stores the global step (engine.global_steps) itself; the epoch and config ride along.
+    """
     tag = f"epoch-{epoch:03d}"
-    engine.save_checkpoint(str(directory(run_dir)), tag=tag,
-                           client_state={"epoch": epoch, "step": step, "config": config})
+    engine.save_checkpoint(str(directory(run_dir)), tag=tag, client_state={"epoch": epoch, "config": config})
     return tag
 
 
-def resume(engine, run_dir: Path, config: dict) -> tuple[int, int, str | None]:
-    """(finished epochs, global step, tag) from the newest checkpoint, or (0, 0, None) when there is none.
+def resume(engine, run_dir: Path, config: dict) -> tuple[int, str | None]:
+    """(finished epochs, tag) from the newest checkpoint, or (0, None) when there is none.
 
     Model, optimizer (momentum buffers) and lr scheduler come back through DeepSpeed; a checkpoint made with
     a different config is refused rather than silently continued.
     """
     ckpt = directory(run_dir)
     if not (ckpt / "latest").is_file():
-        return 0, 0, None
+        return 0, None
     path, client = engine.load_checkpoint(str(ckpt))
     if path is None:
         raise RuntimeError(f"{ckpt}: 'latest' names a checkpoint DeepSpeed could not load")
     if client["config"] != config:
         raise ValueError(f"{path} was written with a different config than {Path(run_dir) / 'config.json'}; "
                          "start a new run folder instead of resuming this one")
-    return client["epoch"], client["step"], Path(path).parent.name  # path is the model-states file in the tag folder
+    return client["epoch"], Path(path).parent.name  # path is the model-states file in the tag folder

@@ -27,7 +27,8 @@ class DataConfig:
     crop_scale_min: float = 0.08  # smallest crop area fraction of the random-resized crop (paper 5.1)
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel normalisation of RGB in [0, 1]
     std: tuple[float, ...] = IMAGENET_STD
-    workers: int = 8  # DataLoader worker processes per rank
+    workers: int = 8  # DataLoader worker processes per rank (0: decode in the rank itself)
+    prefetch: int = 4  # batches each worker keeps ready
     shuffle_buffer: int = 2000  # samples held by each worker's in-memory shuffle buffer
 
 
@@ -84,6 +85,11 @@ class ClusterConfig:
     gpus_per_node: int = 1  # = tasks per node; on CPU, processes per node
     backend: str = "auto"  # torch.distributed backend: auto = nccl with CUDA, gloo without
     cpus_per_task: int = 1  # also OMP_NUM_THREADS of every rank
+
+
+def wants_gpus(cluster: ClusterConfig) -> bool:
+    """A job on the gloo backend is a CPU job: it asks the scheduler for no GPUs."""
+    return cluster.backend != "gloo"
 
 
 @dataclass(frozen=True)
@@ -233,12 +239,30 @@ def resolve(cfg: Config) -> Plan:
     for key, value in (
         ("cluster.nodes", cfg.cluster.nodes),
         ("cluster.gpus_per_node", cfg.cluster.gpus_per_node),
+        ("cluster.cpus_per_task", cfg.cluster.cpus_per_task),
         ("train.micro_batch", cfg.train.micro_batch),
         ("train.grad_accum", cfg.train.grad_accum),
+        ("train.log_every", cfg.train.log_every),
         ("schedule.epochs", cfg.schedule.epochs),
+        ("optim.reference_batch", cfg.optim.reference_batch),
+        ("model.num_classes", cfg.model.num_classes),
+        ("data.image_size", cfg.data.image_size),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer),
+        ("data.prefetch", cfg.data.prefetch),
     ):
         if value < 1:
             errors.append(f"{key}={value} must be at least 1")
+    if cfg.data.workers < 0:
+        errors.append(f"data.workers={cfg.data.workers} must be 0 (load in the rank) or more")
+    if cfg.data.eval_resize < cfg.data.image_size:
+        errors.append(f"data.eval_resize={cfg.data.eval_resize} is smaller than the centre crop "
+                      f"data.image_size={cfg.data.image_size}")
+    if not 0 < cfg.data.crop_scale_min <= 1:
+        errors.append(f"data.crop_scale_min={cfg.data.crop_scale_min} must be in (0, 1]")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        errors.append(f"data.mean={cfg.data.mean} and data.std={cfg.data.std} need 3 values each (RGB), std > 0")
+    if cfg.schedule.warmup_epochs < 0:
+        errors.append(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} must be 0 or more")
     if cfg.train.precision not in ("fp32", "bf16"):
         errors.append(f"train.precision={cfg.train.precision!r}; valid: fp32, bf16")
     if cfg.cluster.backend not in ("auto", "gloo", "nccl"):

@@ -6,6 +6,12 @@ reads samples [r*M, r*M + B*n) of that stream, with M = N // k and B the planned
 every rank takes exactly B steps. Each DataLoader worker takes a contiguous run of whole batches of its
 rank's part, shuffles through a bounded buffer, and yields finished batches.
 
+How close this is to remark 4: every sample is read exactly once per epoch and ranks get disjoint,
+equal parts of one epoch-dependent order, but that order permutes whole shards, not samples, and a
+worker mixes only what its shuffle buffer holds. The converter writes train files in a random order,
+so each shard is already a random draw of classes; a sample-level global permutation would need
+random access into the tars.
+
 webdataset supplies tar reading (any URL it opens, `pipe:` included) and the shuffle buffer. Its
 split_by_node/split_by_worker split the shard list before any shuffle, so a rank would see the same
 shards every epoch, and uneven shard counts give ranks different step counts, which hangs the allreduce;
@@ -26,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
-from pipeline.shards import Manifest
+from pipeline.manifest import Manifest
 
 # Only these members of a shard are ever read: a shard carrying a pickle never reaches pickle.loads.
 SAMPLE_EXTENSIONS = (".jpg", ".cls")
@@ -164,13 +170,16 @@ class EvalStream(torch.utils.data.IterableDataset):
         n = manifest.num_samples
         self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
 
-    def __iter__(self):
-        worker, num_workers = _worker()
+    def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
+        """The shard pieces this worker reads: a contiguous share of the rank's range, in manifest order."""
         size = self.stop - self.start
         lo = self.start + worker * size // num_workers
         hi = self.start + (worker + 1) * size // num_workers
         counts = [s["num_samples"] for s in self.manifest.shards]
-        segments = stream_segments(counts, self.manifest.urls(), list(range(len(counts))), lo, hi)
+        return stream_segments(counts, self.manifest.urls(), list(range(len(counts))), lo, hi)
+
+    def __iter__(self):
+        segments = self.worker_segments(*_worker())
         yield from _batches(read_segments(segments), eval_transform(self.cfg), self.batch_size)
 
 
@@ -187,10 +196,11 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def loader(stream: torch.utils.data.IterableDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader over a stream that already yields batches."""
+def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader with cfg.workers processes over a stream that already yields batches."""
+    workers = cfg.workers
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None,
+                                       prefetch_factor=cfg.prefetch if workers else None,
                                        multiprocessing_context=_worker_context() if workers else None)
 
 

@@ -51,9 +51,16 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
         errors.append(f"zero_optimization.stage={stage}; pure data parallelism needs stage 0")
     if ds.get("fp16", {}).get("enabled", False):
         errors.append("fp16.enabled=true; fp16 loss scaling skips steps and shifts the schedule, use bf16")
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
-    if bf16 != (cfg.train.precision == "bf16"):
-        errors.append(f"bf16.enabled={str(bf16).lower()} but train.precision={cfg.train.precision!r}; make them agree")
+    # bf16.enabled casts every parameter, BatchNorm's included, to bf16 while DeepSpeed keeps BN's running
+    # statistics in fp32, and BatchNorm then refuses the mix. torch_autocast keeps fp32 weights (and BN in
+    # fp32) and runs convolutions and the FC in bf16: the usual mixed precision for ResNets.
+    if ds.get("bf16", {}).get("enabled", False):
+        errors.append('bf16.enabled=true casts BatchNorm to bf16 and fails; use "torch_autocast": '
+                      '{"enabled": true, "dtype": "bfloat16"} as in ds_configs/bf16.json')
+    autocast = ds.get("torch_autocast", {})
+    autocast_bf16 = bool(autocast.get("enabled", False)) and autocast.get("dtype", "bfloat16") in ("bfloat16", "bf16")
+    if autocast_bf16 != (cfg.train.precision == "bf16"):
+        errors.append(f"torch_autocast={autocast} but train.precision={cfg.train.precision!r}; make them agree")
     if errors:
         raise ValueError(f"{source}: " + "; ".join(errors))
     return ds

@@ -31,10 +31,11 @@ def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: Config, plan: Plan) -> torch.optim.SGD:
     """torch SGD with momentum; the lr it holds is the peak, scaled per step by the schedule.
 
-    torch keeps the lr outside the momentum buffer: u <- m u + (g + wd w); w <- w - lr u. The paper's form
-    keeps it inside (v <- m v + lr g; w <- w - v) and so needs momentum correction (remark 2) when lr
-    changes; torch's form is that corrected update, so no correction is applied here. Weight decay is
-    added to the gradient after DeepSpeed's allreduce, once (eq. 8), never scaled with the loss.
+    torch keeps the lr outside the momentum buffer: g' = g + wd w; u <- m u + g'; then w <- w - lr u
+    (plain) or w <- w - lr (g' + m u) (Nesterov). The paper's form keeps the lr inside the buffer
+    (v <- m v + lr g; w <- w - v) and so needs momentum correction (remark 2) whenever lr changes; torch's
+    form is that corrected update, so no correction is applied here. Weight decay is added to the gradient
+    after DeepSpeed's allreduce, once (eq. 8), never scaled with the loss.
     """
     return torch.optim.SGD(param_groups(model, cfg), lr=plan.peak_lr, momentum=cfg.optim.momentum,
                            nesterov=cfg.optim.nesterov)

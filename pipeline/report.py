@@ -14,14 +14,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pipeline import metrics  # noqa: E402
 
 
+def _latest(records: list[dict], kind: str, key: str) -> list[dict]:
+    """Records of one kind, the last one for each value of key, in key order.
+
+    A resumed run trains its unfinished epoch again and logs it again; the later records are the real ones.
+    """
+    return sorted({r[key]: r for r in records if r["_type"] == kind}.values(), key=lambda r: r[key])
+
+
 def summarize(run_dir: Path) -> dict:
     """Final and median-of-last-5 top-1 error (the paper's reported number), time, throughput."""
     records = metrics.read(Path(run_dir) / "metrics.jsonl")
-    evals = [r for r in records if r["_type"] == "eval"]
-    iters = [r for r in records if r["_type"] == "train_iter"]
-    starts = [r for r in records if r["_type"] == "start"]
+    evals = _latest(records, "eval", "epoch")
+    iters = _latest(records, "train_iter", "step")
     if not evals:
-        raise ValueError(f"{run_dir}/metrics.jsonl holds no eval record yet; the run has not finished an epoch")
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} holds no eval record; the run has not finished an epoch")
     last5 = [r["top1_err"] for r in evals[-5:]]
     return {
         "epochs": len(evals),
@@ -30,7 +37,7 @@ def summarize(run_dir: Path) -> dict:
         "median_last5_top1_err": statistics.median(last5),
         "best_top1_err": min(r["top1_err"] for r in evals),
         "num_val_samples": evals[-1]["num_samples"],
-        "wall_s": evals[-1]["time"] - (starts[0]["time"] if starts else evals[0]["time"] - evals[0]["epoch_s"]),
+        "train_s": sum(r["epoch_s"] for r in evals),  # training + evaluation, without queue waits or restarts
         "img_s": statistics.median(r["img_s"] for r in iters) if iters else None,
         "steps": evals[-1]["step"],
     }
@@ -39,9 +46,9 @@ def summarize(run_dir: Path) -> dict:
 def plot(run_dir: Path) -> Path:
     """curves.png: training loss and validation error against epochs."""
     records = metrics.read(Path(run_dir) / "metrics.jsonl")
-    evals = [r for r in records if r["_type"] == "eval"]
-    iters = [r for r in records if r["_type"] == "train_iter"]
-    steps_per_epoch = evals[0]["step"] / (evals[0]["epoch"] + 1) if evals else 1
+    evals = _latest(records, "eval", "epoch")
+    iters = _latest(records, "train_iter", "step")
+    steps_per_epoch = evals[0]["step"] / (evals[0]["epoch"] + 1)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] / steps_per_epoch for r in iters], [r["loss"] for r in iters])
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
@@ -57,13 +64,27 @@ def plot(run_dir: Path) -> Path:
     return path
 
 
+def describe(summary: dict, run_dir: Path) -> str:
+    """The summary in one line."""
+    speed = f"{summary['img_s']:.0f} img/s" if summary["img_s"] else "no train_iter records"
+    return (f"top-1 error {summary['final_top1_err']:.2f}% (median {summary['median_last5_top1_err']:.2f}% over the "
+            f"last {min(5, summary['epochs'])} epochs), top-5 {summary['final_top5_err']:.2f}% on "
+            f"{summary['num_val_samples']} images after {summary['epochs']} epochs; "
+            f"{metrics.duration(summary['train_s'])} training, {speed}; plot {Path(run_dir) / 'curves.png'}")
+
+
 def write(run_dir: Path) -> str:
-    """Write report.json and curves.png into the run folder; return the summary text."""
+    """Write report.json and curves.png into the run folder; return the summary line."""
     summary = summarize(run_dir)
     (Path(run_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    png = plot(run_dir)
-    speed = f"{summary['img_s']:.0f} img/s" if summary["img_s"] else "no train_iter records"
-    return (f"top-1 error {summary['final_top1_err']:.2f}% (median "
-            f"{summary['median_last5_top1_err']:.2f}% over the last {min(5, summary['epochs'])} epochs), top-5 {summary['final_top5_err']:.2f}% on "
-            f"{summary['num_val_samples']} images after {summary['epochs']} epochs; "
-            f"{metrics.duration(summary['wall_s'])} wall, {speed}; plot {png}")
+    plot(run_dir)
+    return describe(summary, run_dir)
+
+
+def read(run_dir: Path) -> str:
+    """The summary line of the report.json that the run wrote at its end."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run has not finished; "
+                                f"python -m pipeline.submit --report {run_dir} writes it from the metrics so far")
+    return describe(json.loads(path.read_text()), run_dir)

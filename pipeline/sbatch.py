@@ -8,16 +8,11 @@ import string
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, wants_gpus
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 # #SBATCH lines are read by sbatch, not by a shell: nothing can be quoted there, so values must be plain.
 PLAIN = re.compile(r"^[A-Za-z0-9_.,:=+@%/-]+$")
-
-
-def wants_gpus(cfg: Config) -> bool:
-    """A job on the gloo backend is a CPU job and asks Slurm for no GPUs."""
-    return cfg.cluster.backend != "gloo"
 
 
 def directive(flag: str, value) -> str:
@@ -32,7 +27,7 @@ def render(cfg: Config, run_dir: Path, time_min: int, partition: str | None, wor
            python: str = sys.executable) -> str:
     """The sbatch script that trains the run in run_dir, every body value shell-quoted."""
     extra = []
-    if wants_gpus(cfg):
+    if wants_gpus(cfg.cluster):
         extra.append(directive("gpus-per-node", cfg.cluster.gpus_per_node))
     if partition:
         extra.append(directive("partition", partition))

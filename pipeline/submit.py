@@ -21,9 +21,10 @@ from pathlib import Path
 
 import submitit
 
-from pipeline import config, demo, metrics, report, sbatch, shards
+from pipeline import config, demo, metrics, model, report, sbatch, shards
 from pipeline.dsconfig import load_ds_config
 from pipeline.job import TrainJob
+from pipeline.manifest import load_manifest
 
 DEMO_IMAGES = Path("data/fashion-mnist")
 
@@ -66,7 +67,7 @@ def build_config(args: argparse.Namespace) -> config.Config:
 def check_shards(cfg: config.Config) -> None:
     """The manifests exist and agree with the config; errors name the file, both values and the fix."""
     for split, expected in (("train", cfg.data.train_samples), ("val", cfg.data.val_samples)):
-        manifest = shards.load_manifest(cfg.data.shards, split)
+        manifest = load_manifest(cfg.data.shards, split)
         if manifest.num_samples != expected:
             raise ValueError(f"{manifest.path}: num_samples={manifest.num_samples} but data.{split}_samples={expected}; "
                              f"pass data.{split}_samples={manifest.num_samples} or point data.shards at the right folder")
@@ -102,11 +103,14 @@ def make_executor(args: argparse.Namespace, cfg: config.Config, run_dir: Path) -
                          "use --cluster local, or --nodes 1 --gpus-per-node 1")
     if executor.cluster != "slurm" and cfg.cluster.nodes != 1:
         raise ValueError(f"--nodes {cfg.cluster.nodes} needs Slurm; this machine runs one node (--cluster {executor.cluster})")
-    gpus = cfg.cluster.gpus_per_node if executor.cluster == "slurm" and sbatch.wants_gpus(cfg) else 0
+    # Without GPUs asked for, submitit's local executor hides every GPU (CUDA_VISIBLE_DEVICES="").
+    gpus = cfg.cluster.gpus_per_node if config.wants_gpus(cfg.cluster) and executor.cluster != "debug" else 0
     executor.update_parameters(nodes=cfg.cluster.nodes, tasks_per_node=cfg.cluster.gpus_per_node, gpus_per_node=gpus,
                                cpus_per_task=cfg.cluster.cpus_per_task, timeout_min=args.time, name=run_dir.name)
     if executor.cluster == "slurm":
-        executor.update_parameters(slurm_signal_delay_s=90, **({"slurm_partition": args.partition} if args.partition else {}))
+        # One failed rank ends the whole step at once instead of leaving the others blocked in a collective.
+        executor.update_parameters(slurm_signal_delay_s=90, slurm_srun_args=["--kill-on-bad-exit=1"],
+                                   **({"slurm_partition": args.partition} if args.partition else {}))
     return executor
 
 
@@ -133,6 +137,15 @@ def follow(job: submitit.Job, run_dir: Path, shown: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return launch(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Everything main() does; bad input raises before anything is written or submitted."""
     if args.report:
         print(report.write(args.report))
         return 0
@@ -142,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             section, name = key.split(".")
             print(f"{key}={flat[section][name]}")
         return 0
-    try:
-        cfg = build_config(args)
-        plan = config.resolve(cfg)
-        ds_config = load_ds_config(cfg, plan)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.json and not args.dry_run:
+        raise ValueError("--json only applies to --dry-run")
+    cfg = build_config(args)
+    plan = config.resolve(cfg)
+    if cfg.model.arch not in model.valid_archs():
+        raise ValueError(f"model.arch={cfg.model.arch!r} is not a torchvision ResNet; valid: {', '.join(model.valid_archs())}")
+    ds_config = load_ds_config(cfg, plan)
     run_dir = (args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if args.dry_run:
         if args.json:
@@ -159,29 +172,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
         return 0
     print(plan.summary(cfg), flush=True)
-    try:
-        if args.preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve()):
-            demo.write_image_tree(DEMO_IMAGES)  # the demo makes its own data; any other shards must exist
-            shards.convert(DEMO_IMAGES, Path(cfg.data.shards))
-        check_shards(cfg)
-        if args.emit_sbatch:
-            script = sbatch.render(cfg, run_dir, args.time, args.partition, Path.cwd())
+    if args.preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve()):
+        demo.write_image_tree(DEMO_IMAGES)  # the demo makes its own data; any other shards must exist
+        shards.convert(DEMO_IMAGES, Path(cfg.data.shards))
+    check_shards(cfg)
+    if args.emit_sbatch:
+        script = sbatch.render(cfg, run_dir, args.time, args.partition, Path.cwd())
         prepare_run_dir(run_dir, cfg, plan, ds_config)
-        if args.emit_sbatch:
-            (run_dir / "slurm").mkdir(exist_ok=True)
-            args.emit_sbatch.write_text(script)
-            print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
-            return 0
-        executor = make_executor(args, cfg, run_dir)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        (run_dir / "slurm").mkdir(exist_ok=True)
+        args.emit_sbatch.write_text(script)
+        print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
+        return 0
+    executor = make_executor(args, cfg, run_dir)
+    prepare_run_dir(run_dir, cfg, plan, ds_config)
     earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
     job = executor.submit(TrainJob(run_dir))
     print(f"submitted job {job.job_id} ({executor.cluster}); run folder {run_dir}; rank logs in {run_dir / 'submitit'}",
           flush=True)
     if executor.cluster == "slurm" and not args.wait:
-        print(f"follow it with: tail -f {run_dir / 'metrics.jsonl'}")
+        print(f"follow it with: tail -f {shlex.quote(str(run_dir / 'metrics.jsonl'))}")
         return 0
     follow(job, run_dir, earlier)
     try:
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except submitit.core.utils.FailedJobError as err:
         print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
         return 1
-    print(report.write(run_dir))
+    print(report.read(run_dir))
     return 0
 
 

@@ -16,10 +16,10 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, data, metrics, model
+from pipeline import checkpoint, data, metrics, model, report
 from pipeline.engine import build_engine
 from pipeline.config import Config, Plan, load_run_config, to_dict
-from pipeline.shards import load_manifest
+from pipeline.manifest import load_manifest
 
 
 def init_distributed(cfg: Config) -> torch.device:
@@ -53,6 +53,15 @@ def average_bn_statistics(net: torch.nn.Module) -> None:
                 buffer.div_(world)
 
 
+def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    """uint8 batch -> normalised fp32 input on the device, channels_last on GPU like the model.
+
+    Under bf16, DeepSpeed's torch_autocast casts inside the forward; the input stays fp32.
+    """
+    x = data.normalize(images.to(device, non_blocking=True), cfg.data)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
 @torch.no_grad()
 def evaluate(engine, cfg: Config, manifest, device: torch.device) -> dict:
     """Top-1/top-5 error on the whole validation split, each image counted once across ranks."""
@@ -61,9 +70,9 @@ def evaluate(engine, cfg: Config, manifest, device: torch.device) -> dict:
     stream = data.EvalStream(manifest, cfg.data, cfg.train.micro_batch, dist.get_rank(), dist.get_world_size())
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
     k = min(5, cfg.model.num_classes)
-    for images, labels in data.loader(stream, cfg.data.workers, device.type == "cuda"):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        topk = engine(data.normalize(images, cfg.data)).topk(k, dim=1).indices
+    for images, labels in data.loader(stream, cfg.data, device.type == "cuda"):
+        labels = labels.to(device, non_blocking=True)
+        topk = engine(model_input(images, cfg, device)).topk(k, dim=1).indices
         hits = topk == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).to(counts)
     dist.all_reduce(counts)  # all_reduce: per-rank counts -> global counts
@@ -73,31 +82,31 @@ def evaluate(engine, cfg: Config, manifest, device: torch.device) -> dict:
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
-def train_epoch(engine, cfg: Config, plan: Plan, manifest, epoch: int, step: int, device, log) -> int:
-    """One epoch of plan.steps_per_epoch optimizer steps; returns the new global step."""
+def train_epoch(engine, cfg: Config, plan: Plan, manifest, epoch: int, device, log) -> None:
+    """One epoch: plan.steps_per_epoch optimizer steps of grad_accum micro-batches each."""
     engine.train()
     micro_batches = plan.steps_per_epoch * cfg.train.grad_accum
     stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, micro_batches,
                               dist.get_rank(), dist.get_world_size(), cfg.train.seed, epoch)
     window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
-    for images, labels in data.loader(stream, cfg.data.workers, device.type == "cuda"):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for images, labels in data.loader(stream, cfg.data, device.type == "cuda"):
+        labels = labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        loss = torch.nn.functional.cross_entropy(engine(data.normalize(images, cfg.data)), labels)
+        loss = torch.nn.functional.cross_entropy(engine(model_input(images, cfg, device)), labels)
         engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (inside DeepSpeed)
         lr = engine.get_lr()[0]
+        before = engine.global_steps
         engine.step()
         window_loss += loss.detach()  # summed on the device: no host sync per step
         window_n += 1
-        if not engine.is_gradient_accumulation_boundary():
+        step = engine.global_steps
+        if step == before:  # inside an accumulation window: no optimizer step yet
             continue
-        step += 1
         if step % cfg.train.log_every == 0 or step == plan.total_steps:
             elapsed = time.time() - window_start
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
                       img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
             window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
-    return step
 
 
 def run(run_dir: Path) -> dict:
@@ -116,24 +125,26 @@ def run(run_dir: Path) -> dict:
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     engine = build_engine(net, cfg, plan, ds_config)
     config_dict = to_dict(cfg)
-    epoch, step, tag = checkpoint.resume(engine, run_dir, config_dict)
+    epoch, tag = checkpoint.resume(engine, run_dir, config_dict)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg))
     if tag is not None:
-        log.write("resume", checkpoint=tag, epoch=epoch, step=step)
+        log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
     result = {}
     started = time.time()
     first_epoch = epoch
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
-        step = train_epoch(engine, cfg, plan, train_manifest, epoch, step, device, log)
+        train_epoch(engine, cfg, plan, train_manifest, epoch, device, log)
         result = evaluate(engine, cfg, val_manifest, device)
         epoch += 1
-        checkpoint.save(engine, run_dir, epoch, step, config_dict)
+        checkpoint.save(engine, run_dir, epoch, config_dict)
         per_epoch = (time.time() - started) / (epoch - first_epoch)
-        record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=step, **result,
+        record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            epoch_s=time.time() - epoch_start, eta_s=per_epoch * (cfg.schedule.epochs - epoch))
         if primary:
             print(metrics.progress_line(record), flush=True)
     dist.barrier()
+    if primary:
+        print(report.write(run_dir), flush=True)
     return result
 

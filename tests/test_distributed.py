@@ -1,13 +1,13 @@
 """Real DeepSpeed engines on real processes (gloo): data parallelism equals one big batch."""
 
-import dataclasses
 import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import config, data, dsconfig, engine, model, shards, train
+from pipeline import config, data, dsconfig, engine, model, train
+from pipeline.manifest import load_manifest
 
 WORLD = 2
 STEPS = 2
@@ -20,9 +20,9 @@ def small_config(shard_dir) -> config.Config:
 
 
 def batches(cfg, rank, world):
-    manifest = shards.load_manifest(cfg.data.shards, "train")
+    manifest = load_manifest(cfg.data.shards, "train")
     stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, STEPS, rank, world, cfg.train.seed, 0)
-    return [(data.normalize(x, cfg.data), y) for x, y in data.loader(stream, 0, False)]
+    return [(data.normalize(x, cfg.data), y) for x, y in data.loader(stream, cfg.data, False)]
 
 
 def rank_main(rank, shard_dir, port, out_dir):
@@ -79,3 +79,31 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_result, 
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
     assert two_rank_result[0]["lr"] == pytest.approx(lr)  # DeepSpeed stepped our schedule once per step
+
+
+def bf16_main(rank, shard_dir, port, out_dir):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 1))
+    cfg = config.apply_overrides(small_config(shard_dir), ["train.precision=bf16", "cluster.gpus_per_node=1"])
+    plan = config.resolve(cfg)
+    train.init_distributed(cfg)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype  # returns None: the output itself is left alone
+        return hook
+
+    ds_engine.module.conv1.register_forward_hook(record("conv"))
+    x, y = batches(cfg, 0, 1)[0]
+    ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
+    ds_engine.step()
+    weights = {t.dtype for t in [*ds_engine.module.parameters(), ds_engine.module.bn1.running_mean]}
+    torch.save({"seen": seen, "weights": weights, "steps": ds_engine.global_steps}, out_dir / "bf16.pt")
+
+
+def test_bf16_runs_convolutions_in_bf16_on_fp32_weights(shard_dir, tmp_path, free_port):
+    mp.start_processes(bf16_main, args=(shard_dir, free_port, tmp_path), nprocs=1, start_method="spawn")
+    result = torch.load(tmp_path / "bf16.pt")
+    assert result["seen"] == {"conv": torch.bfloat16}
+    assert result["weights"] == {torch.float32} and result["steps"] == 1  # fp32 weights and BN statistics

@@ -23,7 +23,7 @@ def test_shipped_configs_get_the_batch_keys_and_keep_the_recipe():
     assert ds["gradient_clipping"] == 0
     assert ds["zero_optimization"]["stage"] == 0
     bf16 = config.apply_overrides(cfg, ["train.precision=bf16"])
-    assert dsconfig.reconcile_ds_config(shipped("bf16"), "bf16.json", bf16, plan)["bf16"]["enabled"] is True
+    assert dsconfig.reconcile_ds_config(shipped("bf16"), "bf16.json", bf16, plan)["torch_autocast"]["enabled"] is True
 
 
 def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
@@ -38,7 +38,8 @@ def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2"),
     ({"train_batch_size": 4096}, "train_batch_size=4096 but the config gives 64"),
     ({"fp16": {"enabled": True}}, "fp16"),
-    ({"bf16": {"enabled": True}}, "train.precision='fp32'"),
+    ({"bf16": {"enabled": True}}, "casts BatchNorm to bf16"),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "train.precision='fp32'"),
 ])
 def test_recipe_breaking_keys_are_rejected_naming_the_file(raw, message):
     cfg, plan = plan_of(config.preset("demo"))

@@ -7,6 +7,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import shards
+from pipeline.manifest import load_manifest
 from pipeline.shards.__main__ import main as shards_main
 from conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, write_tree
 
@@ -18,7 +19,7 @@ def read_all(manifest):
 def test_round_trip(image_tree, shard_dir):
     classes = shards.list_classes(image_tree)
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        manifest = shards.load_manifest(shard_dir, split)
+        manifest = load_manifest(shard_dir, split)
         assert manifest.classes == classes
         assert manifest.num_samples == per_class * len(classes)
         assert manifest.shards[-1]["num_samples"] == (manifest.num_samples % 25 or 25)
@@ -34,10 +35,13 @@ def test_round_trip(image_tree, shard_dir):
             assert hashlib.sha256((shard_dir / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
-def test_train_order_is_shuffled_and_reproducible(shard_dir):
-    labels = [label for _, label, _ in read_all(shards.load_manifest(shard_dir, "train"))]
-    first_shard = labels[:25]
-    assert len(set(first_shard)) > 3  # a class-sorted shard would hold one or two classes
+def test_train_order_is_shuffled_and_reproducible(image_tree, shard_dir, tmp_path):
+    samples = read_all(load_manifest(shard_dir, "train"))
+    assert len({label for _, label, _ in samples[:25]}) > 3  # a class-sorted shard would hold one or two classes
+    shards.convert(image_tree, tmp_path / "again", shard_samples=25)
+    assert [k for k, _, _ in read_all(load_manifest(tmp_path / "again", "train"))] == [k for k, _, _ in samples]
+    shards.convert(image_tree, tmp_path / "other seed", shard_samples=25, seed=1)
+    assert [k for k, _, _ in read_all(load_manifest(tmp_path / "other seed", "train"))] != [k for k, _, _ in samples]
 
 
 def test_odd_inputs_are_converted_or_skipped(tmp_path):
@@ -52,7 +56,7 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
     (folder / "empty.JPEG").write_bytes(b"")
     (folder / "notes.JPEG").write_text("not an image")
     shards.convert(root, tmp_path / "out", shard_samples=4)
-    manifest = shards.load_manifest(tmp_path / "out", "train")
+    manifest = load_manifest(tmp_path / "out", "train")
     skipped = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in manifest.skipped}
     assert set(skipped) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
     assert skipped["empty.JPEG"] == "empty file"
@@ -82,7 +86,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
 def test_manifest_missing_says_how_to_make_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m pipeline.shards convert"):
-        shards.load_manifest(tmp_path, "train")
+        load_manifest(tmp_path, "train")
 
 
 def test_manifest_is_json_with_the_documented_fields(shard_dir):

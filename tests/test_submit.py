@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
-from pipeline import metrics
+from pipeline import config, metrics, schedule
 
+# kn=16 > reference 8: warmup 0.0125 -> 0.025 over the first epoch (15 steps), x0.1 from epoch 1.5 (step 22.5)
 SMALL = ["data.train_samples=240", "data.val_samples=70", "data.workers=1", "train.micro_batch=8",
-         "train.log_every=5", "schedule.epochs=2", "schedule.milestones=1.5"]
+         "train.log_every=1", "optim.base_lr=0.0125", "optim.reference_batch=8", "schedule.epochs=2",
+         "schedule.warmup_epochs=1", "schedule.milestones=1.5"]
 
 
 def submit(*args, cwd=None):
@@ -36,11 +38,12 @@ def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
     records = metrics.read(run_dir / "metrics.jsonl")
     iters = [r for r in records if r["_type"] == "train_iter"]
     evals = [r for r in records if r["_type"] == "eval"]
-    assert [r["step"] for r in iters] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in iters] == list(range(1, 31))
     assert {"step", "epoch", "lr", "loss", "img_s"} <= set(iters[0])
     assert [r["epoch"] for r in evals] == [0, 1]
     assert all(r["num_samples"] == 70 for r in evals)
     assert {"top1_err", "top5_err"} <= set(evals[0])
+    assert evals[0]["top1_err"] - evals[1]["top1_err"] > 10  # it learns (images and labels still belong together)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-002"
     assert (run_dir / "curves.png").stat().st_size > 0
     report = json.loads((run_dir / "report.json").read_text())
@@ -51,16 +54,33 @@ def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
 
 def test_lr_follows_the_plan_through_the_engine(run):
     run_dir, _, _ = run
+    cfg, plan = config.load_run_config(run_dir)
     iters = [r for r in metrics.read(run_dir / "metrics.jsonl") if r["_type"] == "train_iter"]
-    # demo: base 0.05 per 32, kn=16 <= 32 so no warmup: 0.025, x0.1 from epoch 1.5 (step 22.5)
-    assert [round(r["lr"], 6) for r in iters] == [0.025, 0.025, 0.025, 0.025, 0.0025, 0.0025]
+    assert plan.warmup_steps == 15 and iters[0]["lr"] == pytest.approx(0.0125)
+    for r in iters:  # record `step` is the optimizer step just taken, with the lr it used
+        assert r["lr"] == pytest.approx(schedule.lr_at(r["step"] - 1, cfg.optim.base_lr, plan, cfg.schedule)), r
 
 
-def test_same_command_resumes_and_a_changed_config_is_refused(run):
+def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
     run_dir, args, _ = run
+    first = metrics.read(run_dir / "metrics.jsonl")
+    (run_dir / "checkpoints" / "latest").write_text("epoch-001")  # as if preempted during epoch 2
     again = submit(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from epoch-002" in again.stdout
+    assert "resumed from epoch-001 at epoch 1, step 15" in again.stdout
+    second = metrics.read(run_dir / "metrics.jsonl")[len(first):]
+    def epoch2(records):
+        return [(r["_type"], r.get("step"), r.get("lr"), r.get("loss"), r.get("top1_err"))
+                for r in records if r["_type"] in ("train_iter", "eval") and r["epoch"] == 1]
+    want, got = epoch2(first), epoch2(second)
+    assert len(want) == 16
+    for w, g in zip(want, got, strict=True):
+        assert w[:3] == g[:3]
+        assert g[3:] == pytest.approx(w[3:], rel=1e-5, abs=1e-6)  # model, momentum, lr and data all came back
+
+
+def test_a_changed_config_is_refused_for_an_existing_run(run):
+    run_dir, args, _ = run
     changed = submit(*args, "optim.base_lr=0.2")
     assert changed.returncode == 2 and "holds a different config" in changed.stderr
 
@@ -97,3 +117,15 @@ def test_emit_sbatch_prepares_the_run_and_submits_nothing(shard_dir, weird_root)
 def test_rank_entry_point_needs_a_prepared_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.rank", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2 and "--emit-sbatch" in result.stderr
+
+
+def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
+    run_dir = tmp_path / "debug run"
+    result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shard_dir}",
+                    *SMALL, "schedule.epochs=1", "train.grad_accum=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics.read(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r["_type"] == "eval"]
+    assert len(evals) == 1 and evals[0]["num_samples"] == 70
+    # 240 images / 8 per micro-batch / 2 accumulated = 15 optimizer steps, each logged once
+    assert [r["step"] for r in records if r["_type"] == "train_iter"] == list(range(1, 16))

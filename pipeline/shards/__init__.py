@@ -10,7 +10,6 @@ class would leave the loader's shuffle buffer with a handful of classes per batc
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -25,44 +24,17 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from pipeline.manifest import load_manifest
+
 SPLITS = ("train", "val")
 MANIFEST_VERSION = 1
+DEFAULT_SHARD_SAMPLES = 1000  # ~110 MB shards on ImageNet
 EXIF_ORIENTATION = 0x0112
 REENCODE_QUALITY = 95
 
 
 class BadImage(Exception):
     """A source file that cannot become an RGB JPEG sample; its message is the reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """What DIR/<split>.json says about a split's shards."""
-
-    path: Path
-    split: str
-    num_samples: int
-    classes: list[str]
-    shards: list[dict]  # [{"name", "num_samples", "sha256"}] in stream order
-    skipped: list[dict]  # [{"path", "reason"}]
-
-    def urls(self) -> list[str]:
-        """Shard paths next to the manifest, in manifest order."""
-        return [str(self.path.parent / s["name"]) for s in self.shards]
-
-
-def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
-    """Read and sanity-check DIR/<split>.json; errors name the file and what to do."""
-    path = Path(shards_dir) / f"{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no manifest {path}; create the shards with: python -m pipeline.shards convert --src ROOT --out {shards_dir}"
-        )
-    raw = json.loads(path.read_text())
-    counted = sum(s["num_samples"] for s in raw["shards"])
-    if counted != raw["num_samples"]:
-        raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; reconvert")
-    return Manifest(path, raw["split"], raw["num_samples"], raw["classes"], raw["shards"], raw["skipped"])
 
 
 def list_classes(src: Path) -> list[str]:
@@ -193,7 +165,7 @@ def is_complete(out: Path, split: str) -> bool:
     return all(Path(url).is_file() for url in manifest.urls())
 
 
-def convert(src: Path, out: Path, shard_samples: int = 1000, seed: int = 0, force: bool = False) -> None:
+def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False) -> None:
     """Convert both splits of src into out, keeping splits whose shards are already complete."""
     if shard_samples < 1:
         raise ValueError(f"--shard-samples={shard_samples} must be at least 1")

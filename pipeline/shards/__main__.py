@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.shards import __doc__ as DESCRIPTION
-from pipeline.shards import convert
+from pipeline.shards import DEFAULT_SHARD_SAMPLES, convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     conv = sub.add_parser("convert", help="folder tree -> tar shards + manifests")
     conv.add_argument("--src", type=Path, required=True, help="folder holding train/<class>/* and val/<class>/*")
     conv.add_argument("--out", type=Path, required=True, help="folder for the shards and train.json / val.json")
-    conv.add_argument("--shard-samples", type=int, default=1000, help="images per shard (default 1000, ~110 MB on ImageNet)")
+    conv.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
+                      help=f"images per shard (default {DEFAULT_SHARD_SAMPLES}, ~110 MB on ImageNet)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the train file order (default 0)")
     conv.add_argument("--force", action="store_true", help="rewrite splits whose shards are already complete")
     args = parser.parse_args(argv)
