@@ -23,14 +23,19 @@ def valid_archs() -> list[str]:
     return sorted(resnets | set(_EXTRA_ARCHS))
 
 
+def check_arch(arch: str) -> None:
+    """Raise naming the valid choices unless model.arch is a ResNet this module builds."""
+    if arch not in valid_archs():
+        raise ValueError(f"model.arch={arch!r} is not a torchvision ResNet; valid: {', '.join(valid_archs())}")
+
+
 def build(cfg: ModelConfig) -> torch.nn.Module:
     """A freshly initialised ResNet: He init for convs, FC ~ N(0, fc_init_std), optional zero-gamma.
 
     torchvision's ResNet already gives convs kaiming_normal_(fan_out, relu) (He init), BN gamma=1 beta=0,
     and with zero_init_residual=True gamma=0 on the last BN of every block; only the FC needs redoing.
     """
-    if cfg.arch not in valid_archs():
-        raise ValueError(f"model.arch={cfg.arch!r} is not a torchvision ResNet; valid: {', '.join(valid_archs())}")
+    check_arch(cfg.arch)
     kwargs = dict(num_classes=cfg.num_classes, zero_init_residual=cfg.zero_init_residual)
     if cfg.arch in _EXTRA_ARCHS:
         model = _EXTRA_ARCHS[cfg.arch](**kwargs)

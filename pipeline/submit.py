@@ -159,8 +159,7 @@ def launch(args: argparse.Namespace) -> int:
         raise ValueError("--json only applies to --dry-run")
     cfg = build_config(args)
     plan = config.resolve(cfg)
-    if cfg.model.arch not in model.valid_archs():
-        raise ValueError(f"model.arch={cfg.model.arch!r} is not a torchvision ResNet; valid: {', '.join(model.valid_archs())}")
+    model.check_arch(cfg.model.arch)
     ds_config = load_ds_config(cfg, plan)
     run_dir = (args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if args.dry_run:

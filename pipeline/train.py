@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint, data, metrics, model, report
-from pipeline.engine import build_engine
 from pipeline.config import Config, Plan, load_run_config, to_dict
+from pipeline.engine import build_engine
 from pipeline.manifest import load_manifest
 
 
