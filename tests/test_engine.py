@@ -67,3 +67,30 @@ def test_model_init_follows_the_paper():
     assert net.layer1[0].conv2.stride == (1, 1) and net.layer2[0].conv2.stride == (2, 2)  # stride on the 3x3
     with pytest.raises(ValueError, match="valid: .*resnet50"):
         model.build(config.ModelConfig(arch="vgg16"))
+
+
+def test_torch_sgd_equals_the_papers_update_with_momentum_correction():
+    """Paper eq. 10 with remark 2: v <- m (lr_new / lr_old) v + lr_new (g + wd w); w <- w - v.
+
+    torch keeps lr outside the buffer, which is that corrected form; the lr changes at every step here.
+    """
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs8k"), ["optim.nesterov=false"])
+    plan = config.resolve(cfg)
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(4)]
+    layer = torch.nn.Linear(3, 5, bias=False)
+    layer.weight.data.copy_(w0)
+    opt = engine.build_optimizer(layer, cfg, plan)
+    sched = engine.build_scheduler(opt, cfg, plan)
+    w, v, lr_old = w0.clone().double(), torch.zeros(5, 3, dtype=torch.float64), None
+    for g in grads:
+        lr = opt.param_groups[0]["lr"]
+        layer.weight.grad = g.clone()
+        opt.step()
+        sched.step()
+        step = lr * (g.double() + cfg.optim.weight_decay * w)
+        v = step if lr_old is None else cfg.optim.momentum * (lr / lr_old) * v + step
+        w, lr_old = w - v, lr
+        torch.testing.assert_close(layer.weight.data.double(), w, rtol=1e-5, atol=1e-7)
+    assert lr_old > 0.1  # the schedule moved the lr during the test (warmup from 0.1)
