@@ -22,13 +22,18 @@ def _latest(records: list[dict], kind: str, key: str) -> list[dict]:
     return sorted({r[key]: r for r in records if r["_type"] == kind}.values(), key=lambda r: r[key])
 
 
-def summarize(run_dir: Path) -> dict:
-    """Final and median-of-last-5 top-1 error (the paper's reported number), time, throughput."""
-    records = metrics.read(Path(run_dir) / "metrics.jsonl")
+def history(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(eval records by epoch, train_iter records by step) of a run, the last record of each."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = metrics.read(path)
     evals = _latest(records, "eval", "epoch")
-    iters = _latest(records, "train_iter", "step")
     if not evals:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'} holds no eval record; the run has not finished an epoch")
+        raise ValueError(f"{path} holds no eval record; the run has not finished an epoch")
+    return evals, _latest(records, "train_iter", "step")
+
+
+def summarize(evals: list[dict], iters: list[dict]) -> dict:
+    """Final and median-of-last-5 top-1 error (the paper's reported number), time, throughput."""
     last5 = [r["top1_err"] for r in evals[-5:]]
     return {
         "epochs": len(evals),
@@ -43,11 +48,8 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
-def plot(run_dir: Path) -> Path:
-    """curves.png: training loss and validation error against epochs."""
-    records = metrics.read(Path(run_dir) / "metrics.jsonl")
-    evals = _latest(records, "eval", "epoch")
-    iters = _latest(records, "train_iter", "step")
+def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
+    """Training loss and validation error against epochs, as a PNG at path."""
     steps_per_epoch = evals[0]["step"] / (evals[0]["epoch"] + 1)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] / steps_per_epoch for r in iters], [r["loss"] for r in iters])
@@ -58,10 +60,8 @@ def plot(run_dir: Path) -> Path:
     ax_err.set(xlabel="epoch", ylabel="validation error (%)", title="validation error")
     ax_err.legend()
     fig.tight_layout()
-    path = Path(run_dir) / "curves.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
 
 
 def describe(summary: dict, run_dir: Path) -> str:
@@ -75,9 +75,10 @@ def describe(summary: dict, run_dir: Path) -> str:
 
 def write(run_dir: Path) -> str:
     """Write report.json and curves.png into the run folder; return the summary line."""
-    summary = summarize(run_dir)
+    evals, iters = history(run_dir)
+    summary = summarize(evals, iters)
     (Path(run_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(run_dir)
+    plot(evals, iters, Path(run_dir) / "curves.png")
     return describe(summary, run_dir)
 
 
