@@ -25,14 +25,19 @@ def batches(cfg, rank, world):
     return [(data.normalize(x, cfg.data), y) for x, y in data.loader(stream, cfg.data, False)]
 
 
-def rank_main(rank, shard_dir, port, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+def start_engine(cfg, rank, world, port):
+    """A real DeepSpeed engine on rank `rank` of `world` processes (gloo), model seeded with 0."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = small_config(shard_dir)
     plan = config.resolve(cfg)
     train.init_distributed(cfg)
     torch.manual_seed(0)
-    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    return engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+
+
+def rank_main(rank, shard_dir, port, out_dir):
+    cfg = small_config(shard_dir)
+    ds_engine = start_engine(cfg, rank, WORLD, port)
     ds_engine.eval()  # BN on running stats: per-worker batch stats differ from the big batch's by design
     for x, y in batches(cfg, rank, WORLD):
         ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
@@ -82,19 +87,14 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_result, 
 
 
 def bf16_main(rank, shard_dir, port, out_dir):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 1))
     cfg = config.apply_overrides(small_config(shard_dir), ["train.precision=bf16", "cluster.gpus_per_node=1"])
-    plan = config.resolve(cfg)
-    train.init_distributed(cfg)
-    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    ds_engine = start_engine(cfg, 0, 1, port + 1)
     seen = {}
 
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = output.dtype  # returns None: the output itself is left alone
-        return hook
+    def record(module, inputs, output):
+        seen["conv"] = output.dtype  # returns None: the output itself is left alone
 
-    ds_engine.module.conv1.register_forward_hook(record("conv"))
+    ds_engine.module.conv1.register_forward_hook(record)
     x, y = batches(cfg, 0, 1)[0]
     ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
     ds_engine.step()
