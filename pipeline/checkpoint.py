@@ -20,19 +20,19 @@ def save(engine, run_dir: Path, epoch: int, config: dict) -> str:
     return tag
 
 
-def resume(engine, run_dir: Path, config: dict) -> tuple[int, str | None]:
-    """(finished epochs, tag) from the newest checkpoint, or (0, None) when there is none.
+def resume(engine, run_dir: Path, config: dict) -> str | None:
+    """Load the newest checkpoint into the engine and return its tag, or None when there is none.
 
-    Model, optimizer (momentum buffers) and lr scheduler come back through DeepSpeed; a checkpoint made with
-    a different config is refused rather than silently continued.
+    Model, optimizer (momentum buffers), lr scheduler and the global step come back through DeepSpeed; a
+    checkpoint made with a different config is refused rather than silently continued.
     """
     ckpt = directory(run_dir)
     if not (ckpt / "latest").is_file():
-        return 0, None
+        return None
     path, client = engine.load_checkpoint(str(ckpt))
     if path is None:
         raise RuntimeError(f"{ckpt}: 'latest' names a checkpoint DeepSpeed could not load")
     if client["config"] != config:
         raise ValueError(f"{path} was written with a different config than {Path(run_dir) / 'config.json'}; "
                          "start a new run folder instead of resuming this one")
-    return client["epoch"], Path(path).parent.name  # path is the model-states file in the tag folder
+    return Path(path).parent.name  # path is the model-states file in the tag folder

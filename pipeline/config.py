@@ -29,7 +29,9 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     workers: int = 8  # DataLoader worker processes per rank (0: decode in the rank itself)
     prefetch: int = 4  # batches each worker keeps ready
-    shuffle_buffer: int = 2000  # samples held by each worker's in-memory shuffle buffer
+    shuffle_buffer: int = 2000  # samples each worker permutes at a time (its in-memory shuffle block)
+    shard_url: str = ""  # where the tars are read from, "{name}" = a shard's file name; "" = next to the manifest
+    timeout_s: int = 600  # a DataLoader worker silent this long fails the rank instead of hanging every rank
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,12 @@ class Plan:
         )
 
 
+def micro_batches_per_rank(num_samples: int, world_size: int, micro_batch: int, grad_accum: int) -> int:
+    """Batches each rank reads per epoch: its N // k samples in whole micro-batches, whole accumulation
+    windows only (remark 4: every rank the same number of steps)."""
+    return (num_samples // world_size) // micro_batch // grad_accum * grad_accum
+
+
 def resolve(cfg: Config) -> Plan:
     """Derive the plan from the config, refusing configurations that cannot run."""
     errors = []
@@ -249,6 +257,7 @@ def resolve(cfg: Config) -> Plan:
         ("data.image_size", cfg.data.image_size),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer),
         ("data.prefetch", cfg.data.prefetch),
+        ("data.timeout_s", cfg.data.timeout_s),
     ):
         if value < 1:
             errors.append(f"{key}={value} must be at least 1")
@@ -261,6 +270,9 @@ def resolve(cfg: Config) -> Plan:
         errors.append(f"data.crop_scale_min={cfg.data.crop_scale_min} must be in (0, 1]")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         errors.append(f"data.mean={cfg.data.mean} and data.std={cfg.data.std} need 3 values each (RGB), std > 0")
+    if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
+        errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
+                      "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
     if cfg.schedule.warmup_epochs < 0:
         errors.append(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} must be 0 or more")
     if cfg.train.precision not in ("fp32", "bf16"):
@@ -271,8 +283,8 @@ def resolve(cfg: Config) -> Plan:
         raise ValueError("invalid configuration: " + "; ".join(errors))
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     global_batch = world * cfg.train.micro_batch * cfg.train.grad_accum
-    micro_per_rank = (cfg.data.train_samples // world) // cfg.train.micro_batch
-    steps_per_epoch = micro_per_rank // cfg.train.grad_accum
+    accum = cfg.train.grad_accum
+    steps_per_epoch = micro_batches_per_rank(cfg.data.train_samples, world, cfg.train.micro_batch, accum) // accum
     if steps_per_epoch < 1:
         raise ValueError(
             f"data.train_samples={cfg.data.train_samples} gives no full step at global_batch={global_batch}; "

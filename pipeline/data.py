@@ -2,40 +2,70 @@
 
 Per epoch e, the shard list is permuted with a generator seeded by (seed, e), the same on every rank, and
 laid end to end as one global stream of N samples (the manifest gives each shard's count). Rank r of k
-reads samples [r*M, r*M + B*n) of that stream, with M = N // k and B the planned batches per rank, so
-every rank takes exactly B steps. Each DataLoader worker takes a contiguous run of whole batches of its
-rank's part, shuffles through a bounded buffer, and yields finished batches.
+owns samples [r*M, (r+1)*M) of that stream, M = N // k, and yields B = M // n batches of n from the front
+of it (B rounded down to whole gradient-accumulation windows), so every rank takes exactly B steps. The
+N - k*M samples at the end of the stream are dropped that epoch; the next permutation drops others. A
+rank may start or end mid-shard.
 
-How close this is to remark 4: every sample is read exactly once per epoch and ranks get disjoint,
-equal parts of one epoch-dependent order, but that order permutes whole shards, not samples, and a
-worker mixes only what its shuffle buffer holds. The converter writes train files in a random order,
-so each shard is already a random draw of classes; a sample-level global permutation would need
-random access into the tars.
+A rank's B batches are split the same way across its W DataLoader workers: worker w gets a contiguous run
+of whole batches, the first B % W workers one more than the rest. The DataLoader (in_order) asks its
+workers in strict turn, so the rank's step s comes from worker part s % W: that is what makes
+`start_step` exact (each part skips the batches it would already have handed over, and the parts rotate
+over the worker processes so that the first one asked holds step start_step) and what `inspect` prints.
 
-webdataset supplies tar reading (any URL it opens, `pipe:` included) and the shuffle buffer. Its
-split_by_node/split_by_worker split the shard list before any shuffle, so a rank would see the same
-shards every epoch, and uneven shard counts give ranks different step counts, which hangs the allreduce;
-that is why the split below is ours.
+Inside a worker the samples pass a bounded shuffle: they are cut into blocks of `shuffle_buffer` samples
+and each block is permuted by a generator seeded by (seed, epoch, rank, worker, block). Random crops and
+flips draw from a generator seeded by (seed, epoch, rank, step). So the same (seed, epoch, k, W) gives the
+same samples in the same order with the same augmentation, and resuming at a step reopens only the block
+that holds it.
+
+From webdataset we use tar reading (any URL it opens: local paths, http(s), `pipe:` commands). We step
+around three of its parts: split_by_node/split_by_worker split the shard list before any shuffle, so a
+rank would see the same shards every epoch and uneven shard counts would give ranks different step
+counts (which hangs the allreduce); its reservoir `shuffle` depends on every sample read before, so a
+resumed worker would have to re-read its whole part; and its decoders would unpickle `.pyd` members.
+
+Images are decoded with PIL (libjpeg-turbo) at reduced size where the crop allows (`Image.draft` scales
+by 1/2, 1/4 or 1/8 inside the DCT), then cropped and resized in one `Image.resize(box=...)`. They stay
+uint8 HWC until `normalize` on the device; a batch [n, 3, S, S] is a channels_last view.
 """
 
 from __future__ import annotations
 
+import argparse
+import heapq
+import io
+import json
+import math
 import multiprocessing
-import random
+import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
-from pipeline.config import DataConfig
-from pipeline.manifest import Manifest
+from pipeline.config import DataConfig, micro_batches_per_rank
+from pipeline.manifest import Manifest, load_manifest
 
 # Only these members of a shard are ever read: a shard carrying a pickle never reaches pickle.loads.
 SAMPLE_EXTENSIONS = (".jpg", ".cls")
+# What PIL raises on a truncated, empty or non-image file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random-resized crop (paper 5.1, Szegedy et al.)
+
+
+class Batch(NamedTuple):
+    """What the loader yields: uint8 images [n, 3, S, S] (channels_last), int64 labels [n], the shard keys
+    of the samples, and how many corrupt samples were replaced by another sample of the batch."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    corrupt: int
 
 
 @dataclass(frozen=True)
@@ -67,8 +97,20 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
 
 
+def worker_batches(num_batches: int, workers: int, worker: int) -> tuple[int, int]:
+    """(first, count): the contiguous run of a rank's batches that a worker makes; the first
+    num_batches % workers workers make one more, matching the DataLoader's turn-taking."""
+    q, r = divmod(num_batches, workers)
+    return worker * q + min(worker, r), q + (worker < r)
+
+
+def batches_before(step: int, workers: int, worker: int) -> int:
+    """How many of its batches a worker has handed over when the rank is at `step`."""
+    return len(range(worker, step, workers))
+
+
 def read_segments(segments: list[Segment]) -> Iterator[dict]:
-    """Samples {"__key__", "jpg", "cls"} of each segment in turn."""
+    """Samples {"__key__", "__url__", "jpg", "cls"} of each segment in turn (a skip reads through the tar)."""
     for seg in segments:
         streams = wds.tariterators.url_opener([{"url": seg.url}])
         files = wds.tariterators.tar_file_expander(streams, select_files=lambda name: name.endswith(SAMPLE_EXTENSIONS))
@@ -88,39 +130,95 @@ def read_segments(segments: list[Segment]) -> Iterator[dict]:
                              "the shard does not match its manifest, reconvert it")
 
 
-def train_transform(cfg: DataConfig) -> v2.Transform:
-    """Random-resized crop and horizontal flip on uint8 CHW tensors (paper 5.1); normalisation is later."""
-    return v2.Compose([
-        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+def block_shuffle(samples: Iterator[dict], block: int, first_block: int, seed: list[int]) -> Iterator[dict]:
+    """Permute each run of `block` samples with a generator seeded by seed + [block index]."""
+    index = first_block
+    while True:
+        buffer = [s for _, s in zip(range(block), samples)]
+        if not buffer:
+            return
+        for i in np.random.default_rng(seed + [index]).permutation(len(buffer)):
+            yield buffer[i]
+        index += 1
 
 
-def eval_transform(cfg: DataConfig) -> v2.Transform:
-    """Shorter side to eval_resize, then the centre image_size crop (single-crop convention)."""
-    return v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size)])
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 HWC tensor (one copy out of PIL's buffer)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image))  # np.asarray would be a read-only view torch warns about
 
 
-def _decode(sample: dict, transform) -> tuple[torch.Tensor, int]:
-    data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
-    try:
-        image = decode_jpeg(data, mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r} is not a decodable JPEG ({err})") from None
-    return transform(image), int(sample["cls"])
+def decode_train(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
+    """Random-resized crop (scale crop_scale_min..1, ratio 3/4..4/3) to image_size, then a random
+    horizontal flip (paper 5.1), drawing from torch's global generator; uint8 HWC."""
+    image = Image.open(io.BytesIO(jpeg))
+    width, height = image.size
+    top, left, h, w = RandomResizedCrop.get_params(image, scale=(cfg.crop_scale_min, 1.0), ratio=ASPECT_RATIOS)
+    size = cfg.image_size
+    shrink = min(w, h) / size  # the crop may be decoded this many times smaller and still cover image_size
+    if shrink >= 2:
+        image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    s = image.size[0] / width
+    image = image.resize((size, size), Image.Resampling.BILINEAR,
+                         box=(left * s, top * s, (left + w) * s, (top + h) * s))
+    if torch.rand(()) < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_tensor(image)
 
 
-def _batches(samples: Iterator[dict], transform, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    images, labels = [], []
+def decode_eval(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
+    """Shorter side to eval_resize, centre image_size crop (single-crop convention), in one resize; uint8 HWC."""
+    image = Image.open(io.BytesIO(jpeg))
+    width, height = image.size
+    zoom = cfg.eval_resize / min(width, height)
+    if zoom <= 0.5:
+        image.draft("RGB", (math.ceil(width * zoom), math.ceil(height * zoom)))
+    side = cfg.image_size / zoom * image.size[0] / width  # the crop's side in decoded pixels
+    cx, cy = image.size[0] / 2, image.size[1] / 2
+    image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR,
+                         box=(cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return _to_tensor(image)
+
+
+def _describe(sample: dict, err: Exception) -> str:
+    return f"{sample['__url__']}: sample {sample['__key__']!r} is not a decodable image ({err})"
+
+
+def raise_corrupt(sample: dict, err: Exception) -> None:
+    """Error policy of evaluation: a corrupt sample is an error."""
+    raise ValueError(_describe(sample, err) + "; check the shards with python -m pipeline.shards verify") from err
+
+
+def warn_corrupt(sample: dict, err: Exception) -> None:
+    """Error policy of training: name the sample on stderr; the batch replaces it and counts it."""
+    print(f"warning: {_describe(sample, err)}; replaced by another sample of its batch", file=sys.stderr, flush=True)
+
+
+def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
+               on_corrupt: Callable[[dict, Exception], None]) -> Batch:
+    """Decode a batch; a corrupt sample (reported through on_corrupt) is replaced by a fresh decode of
+    another sample of the same batch, so every batch keeps exactly n images."""
+    images, labels, keys, good, bad = [], [], [], [], []
     for sample in samples:
-        image, label = _decode(sample, transform)
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels)
+        try:
+            images.append(decode(sample["jpg"]))
+        except DECODE_ERRORS as err:
+            on_corrupt(sample, err)
+            bad.append(sample)
+            continue
+        labels.append(int(sample["cls"]))
+        keys.append(sample["__key__"])
+        good.append(sample)
+    if bad and not good:
+        raise ValueError(f"all {len(samples)} samples of a batch are corrupt, e.g. {bad[0]['__url__']}: "
+                         f"{bad[0]['__key__']!r}; the shard is damaged: check it with python -m pipeline.shards verify")
+    for i in range(len(bad)):
+        sample = good[i % len(good)]
+        images.append(decode(sample["jpg"]))
+        labels.append(int(sample["cls"]))
+        keys.append(sample["__key__"])
+    return Batch(torch.stack(images).permute(0, 3, 1, 2), torch.tensor(labels), keys, len(bad))
 
 
 def _worker() -> tuple[int, int]:
@@ -128,37 +226,67 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def _shared_position() -> multiprocessing.Array:
+    """[epoch, start_step] in shared memory: persistent workers read what the rank set for this pass."""
+    return _worker_context().Array("q", 2, lock=False)
+
+
 class TrainStream(torch.utils.data.IterableDataset):
-    """One rank's training batches for one epoch: uint8 images [n, 3, S, S] and int64 labels [n]."""
+    """One rank's training batches, one epoch per pass; set_epoch() picks the epoch and the first step."""
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int,
-                 rank: int, world_size: int, seed: int, epoch: int):
+                 rank: int, world_size: int, seed: int):
         super().__init__()
-        per_rank = manifest.num_samples // world_size
-        if num_batches * batch_size > per_rank:
-            raise ValueError(f"{num_batches} batches of {batch_size} exceed the {per_rank} samples of a rank")
+        self.per_rank = manifest.num_samples // world_size
+        if num_batches * batch_size > self.per_rank:
+            raise ValueError(f"{num_batches} batches of {batch_size} exceed the {self.per_rank} samples of a rank")
         self.manifest, self.cfg = manifest, cfg
+        self.urls = manifest.urls(cfg.shard_url)
         self.batch_size, self.num_batches = batch_size, num_batches
-        self.rank_start = rank * per_rank
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.rank, self.seed = rank, seed
+        self.position = _shared_position()
 
-    def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
-        """The shard pieces this worker reads: a contiguous run of whole batches of the rank's part."""
-        first = worker * self.num_batches // num_workers
-        last = (worker + 1) * self.num_batches // num_workers
-        start = self.rank_start + first * self.batch_size
-        stop = self.rank_start + last * self.batch_size
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass yields steps [start_step, num_batches) of `epoch`."""
+        if not 0 <= start_step <= self.num_batches:
+            raise ValueError(f"start_step={start_step} outside the epoch's {self.num_batches} steps")
+        self.position[0], self.position[1] = epoch, start_step
+
+    def sample_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """(rank step, undecoded samples) of one worker's batches, from the set start step on.
+
+        The one implementation behind both training and `inspect`.
+        """
+        epoch, start_step = self.position[0], self.position[1]
+        n = self.batch_size
+        first, count = worker_batches(self.num_batches, num_workers, worker)
+        done = batches_before(start_step, num_workers, worker)
+        if done == count:
+            return
+        buffer = self.cfg.shuffle_buffer
+        first_block = done * n // buffer
+        begin = self.per_rank * self.rank + first * n  # the worker's first sample in the epoch's stream
         counts = [s["num_samples"] for s in self.manifest.shards]
-        order = epoch_order(len(counts), self.seed, self.epoch)
-        return stream_segments(counts, self.manifest.urls(), order, start, stop)
+        segments = stream_segments(counts, self.urls, epoch_order(len(counts), self.seed, epoch),
+                                   begin + first_block * buffer, begin + count * n)
+        samples = block_shuffle(read_segments(segments), buffer, first_block,
+                                [self.seed, epoch, self.rank, worker])
+        for _ in range(done * n - first_block * buffer):
+            next(samples)
+        for j in range(done, count):
+            yield j * num_workers + worker, [next(samples) for _ in range(n)]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start_step = self.position[0], self.position[1]
         worker, num_workers = _worker()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")  # str seeds hash the same in every process
-        samples = read_segments(self.worker_segments(worker, num_workers))
-        shuffled = wds.filters.shuffle(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(samples)
-        torch.manual_seed(rng.getrandbits(63))  # the crop and flip draws of this worker
-        yield from _batches(shuffled, train_transform(self.cfg), self.batch_size)
+        # The DataLoader asks worker 0 first on every pass; step start_step belongs to worker
+        # start_step % W, so a resumed pass rotates which part each worker process makes.
+        part = (worker + start_step) % num_workers
+        decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
+        for step, samples in self.sample_batches(part, num_workers):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
+                yield make_batch(samples, decode, warn_corrupt)
 
 
 class EvalStream(torch.utils.data.IterableDataset):
@@ -167,20 +295,27 @@ class EvalStream(torch.utils.data.IterableDataset):
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
         super().__init__()
         self.manifest, self.cfg, self.batch_size = manifest, cfg, batch_size
+        self.urls = manifest.urls(cfg.shard_url)
         n = manifest.num_samples
         self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
+        self.num_batches = math.ceil((self.stop - self.start) / batch_size)
 
-    def worker_segments(self, worker: int, num_workers: int) -> list[Segment]:
-        """The shard pieces this worker reads: a contiguous share of the rank's range, in manifest order."""
-        size = self.stop - self.start
-        lo = self.start + worker * size // num_workers
-        hi = self.start + (worker + 1) * size // num_workers
+    def sample_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """(rank step, undecoded samples) of one worker's batches, in manifest order; the rank's last
+        batch may be short."""
+        first, count = worker_batches(self.num_batches, num_workers, worker)
+        lo = self.start + first * self.batch_size
+        hi = min(self.stop, lo + count * self.batch_size)
         counts = [s["num_samples"] for s in self.manifest.shards]
-        return stream_segments(counts, self.manifest.urls(), list(range(len(counts))), lo, hi)
+        samples = read_segments(stream_segments(counts, self.urls, list(range(len(counts))), lo, hi))
+        for j in range(count):
+            size = min(self.batch_size, hi - lo - j * self.batch_size)
+            yield j * num_workers + worker, [next(samples) for _ in range(size)]
 
-    def __iter__(self):
-        segments = self.worker_segments(*_worker())
-        yield from _batches(read_segments(segments), eval_transform(self.cfg), self.batch_size)
+    def __iter__(self) -> Iterator[Batch]:
+        decode = lambda jpeg: decode_eval(jpeg, self.cfg)  # noqa: E731
+        for _, samples in self.sample_batches(*_worker()):
+            yield make_batch(samples, decode, raise_corrupt)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -192,15 +327,22 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     so starting workers stays cheap.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(["pipeline.data"])
     return context
 
 
 def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader with cfg.workers processes over a stream that already yields batches."""
+    """A DataLoader with cfg.workers persistent processes over a stream that already yields batches.
+
+    Build it once and iterate it once per epoch (after stream.set_epoch for training): the workers live
+    for the whole run. A worker that hands over nothing for cfg.timeout_s seconds fails the rank instead of
+    hanging it (and with it every other rank in the next allreduce).
+    """
     workers = cfg.workers
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                        prefetch_factor=cfg.prefetch if workers else None,
+                                       persistent_workers=workers > 0, timeout=cfg.timeout_s if workers else 0,
+                                       in_order=True,  # strict turns: step s comes from worker part s % W
                                        multiprocessing_context=_worker_context() if workers else None)
 
 
@@ -209,3 +351,62 @@ def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.mean, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
+
+
+def rank_plan(stream: TrainStream | EvalStream, workers: int) -> Iterator[dict]:
+    """{"worker", "step", "keys"} of every batch of a rank, in the order the rank trains on them."""
+    def part(worker: int) -> Iterator[tuple[int, int, list[str]]]:
+        for step, samples in stream.sample_batches(worker, workers):
+            yield step, worker, [s["__key__"] for s in samples]
+    for step, worker, keys in heapq.merge(*map(part, range(workers))):
+        yield {"worker": worker, "step": step, "keys": keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m pipeline.data inspect: what each rank and worker would read, as JSON lines."""
+    defaults = DataConfig()
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "inspect", help="print what every rank and DataLoader worker reads, one JSON line per batch",
+        description="Print {rank, worker, step, keys} for every batch of an epoch, as the training loader would "
+                    "read it (same code, no model, no torch.distributed). It reads the tars it lists, so "
+                    "limit it with --steps on a large dataset.")
+    p.add_argument("--shards", required=True, help="folder holding train.json / val.json and the tars")
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--world-size", type=int, default=1, help="ranks k (default: 1)")
+    p.add_argument("--rank", type=int, help="show only this rank (default: all)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (0 counts as 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="micro-batch n per rank (default: 32)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="train.seed of the run (default: 0)")
+    p.add_argument("--start-step", type=int, default=0, help="resume point: first step of the epoch to show")
+    p.add_argument("--steps", type=int, help="show at most this many batches per rank")
+    p.add_argument("--shuffle-buffer", type=int, default=defaults.shuffle_buffer)
+    p.add_argument("--shard-url", default="", help="data.shard_url of the run, e.g. 'pipe:cat /data/{name}'")
+    args = parser.parse_args(argv)
+    for name in ("world_size", "workers", "batch_size", "grad_accum", "shuffle_buffer"):
+        if getattr(args, name) < (0 if name == "workers" else 1):
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
+    if args.rank is not None and not 0 <= args.rank < args.world_size:
+        parser.error(f"--rank={args.rank} outside 0..{args.world_size - 1}")
+    try:
+        manifest = load_manifest(args.shards, args.split)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    cfg = DataConfig(shards=args.shards, shuffle_buffer=args.shuffle_buffer, shard_url=args.shard_url)
+    workers = max(args.workers, 1)
+    num_batches = micro_batches_per_rank(manifest.num_samples, args.world_size, args.batch_size, args.grad_accum)
+    for rank in range(args.world_size) if args.rank is None else [args.rank]:
+        if args.split == "train":
+            stream = TrainStream(manifest, cfg, args.batch_size, num_batches, rank, args.world_size, args.seed)
+            stream.set_epoch(args.epoch, args.start_step)
+        else:
+            stream = EvalStream(manifest, cfg, args.batch_size, rank, args.world_size)
+        for _, row in zip(range(args.steps or sys.maxsize), rank_plan(stream, workers)):
+            print(json.dumps({"rank": rank, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,9 +19,13 @@ class Manifest:
     shards: list[dict]  # [{"name", "num_samples", "sha256"}] in stream order
     skipped: list[dict]  # [{"path", "reason"}]
 
-    def urls(self) -> list[str]:
-        """Shard paths next to the manifest, in manifest order."""
-        return [str(self.path.parent / s["name"]) for s in self.shards]
+    def urls(self, template: str = "") -> list[str]:
+        """Where to read each shard, in manifest order: `template` with {name} replaced by the shard's file
+        name (any URL webdataset opens, e.g. "pipe:aws s3 cp s3://bucket/imagenet/{name} -"), or, when the
+        template is empty, the file next to the manifest."""
+        if not template:
+            return [str(self.path.parent / s["name"]) for s in self.shards]
+        return [template.replace("{name}", s["name"]) for s in self.shards]
 
 
 def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:

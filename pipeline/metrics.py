@@ -51,9 +51,11 @@ def progress_line(record: dict) -> str | None:
         return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch'] + 1} "
                 f"lr {record['lr']:.4g} loss {record['loss']:.4f} {record['img_s']:.0f} img/s")
     if kind == "eval":
+        corrupt = record.get("train_corrupt", 0)
         return (f"epoch {record['epoch'] + 1}/{record['epochs']} done: top1_err {record['top1_err']:.2f}% "
                 f"top5_err {record['top5_err']:.2f}% on {record['num_samples']} images, "
-                f"epoch {duration(record['epoch_s'])}, eta {duration(record['eta_s'])}")
+                f"epoch {duration(record['epoch_s'])}, eta {duration(record['eta_s'])}"
+                + (f"; {corrupt} corrupt training images replaced (see the ranks' stderr)" if corrupt else ""))
     if kind == "resume":
         return f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
     return None

@@ -54,45 +54,45 @@ def average_bn_statistics(net: torch.nn.Module) -> None:
 
 
 def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
-    """uint8 batch -> normalised fp32 input on the device, channels_last on GPU like the model.
+    """uint8 batch (a channels_last view) -> normalised fp32 input on the device, in the model's memory
+    format: channels_last on GPU, contiguous NCHW on CPU.
 
     Under bf16, DeepSpeed's torch_autocast casts inside the forward; the input stays fp32.
     """
     x = data.normalize(images.to(device, non_blocking=True), cfg.data)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, manifest, device: torch.device) -> dict:
+def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.device) -> dict:
     """Top-1/top-5 error on the whole validation split, each image counted once across ranks."""
     engine.eval()
     average_bn_statistics(engine.module)
-    stream = data.EvalStream(manifest, cfg.data, cfg.train.micro_batch, dist.get_rank(), dist.get_world_size())
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
     k = min(5, cfg.model.num_classes)
-    for images, labels in data.loader(stream, cfg.data, device.type == "cuda"):
-        labels = labels.to(device, non_blocking=True)
-        topk = engine(model_input(images, cfg, device)).topk(k, dim=1).indices
+    for batch in batches:
+        labels = batch.labels.to(device, non_blocking=True)
+        topk = engine(model_input(batch.images, cfg, device)).topk(k, dim=1).indices
         hits = topk == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).to(counts)
     dist.all_reduce(counts)  # all_reduce: per-rank counts -> global counts
     top1, top5, seen = counts.tolist()
-    if int(seen) != manifest.num_samples:
-        raise RuntimeError(f"evaluated {int(seen)} images but {manifest.path} lists {manifest.num_samples}")
+    if int(seen) != num_samples:
+        raise RuntimeError(f"evaluated {int(seen)} images but the val manifest lists {num_samples}")
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
-def train_epoch(engine, cfg: Config, plan: Plan, manifest, epoch: int, device, log) -> None:
-    """One epoch: plan.steps_per_epoch optimizer steps of grad_accum micro-batches each."""
+def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log) -> int:
+    """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
+    optimizer step; returns the corrupt samples replaced on all ranks."""
     engine.train()
-    micro_batches = plan.steps_per_epoch * cfg.train.grad_accum
-    stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, micro_batches,
-                              dist.get_rank(), dist.get_world_size(), cfg.train.seed, epoch)
+    corrupt = 0
     window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
-    for images, labels in data.loader(stream, cfg.data, device.type == "cuda"):
-        labels = labels.to(device, non_blocking=True)
+    for batch in batches:
+        corrupt += batch.corrupt
+        labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        loss = torch.nn.functional.cross_entropy(engine(model_input(images, cfg, device)), labels)
+        loss = torch.nn.functional.cross_entropy(engine(model_input(batch.images, cfg, device)), labels)
         engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (inside DeepSpeed)
         lr = engine.get_lr()[0]
         before = engine.global_steps
@@ -107,6 +107,9 @@ def train_epoch(engine, cfg: Config, plan: Plan, manifest, epoch: int, device, l
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
                       img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
             window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+    total = torch.tensor(corrupt, dtype=torch.int64, device=device)
+    dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
+    return int(total)
 
 
 def run(run_dir: Path) -> dict:
@@ -125,26 +128,36 @@ def run(run_dir: Path) -> dict:
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     engine = build_engine(net, cfg, plan, ds_config)
     config_dict = to_dict(cfg)
-    epoch, tag = checkpoint.resume(engine, run_dir, config_dict)
+    tag = checkpoint.resume(engine, run_dir, config_dict)
+    # The position comes from the optimizer step DeepSpeed restored, so a checkpoint taken mid-epoch
+    # resumes at the very next batch of the same epoch.
+    epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg))
     if tag is not None:
         log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
+    rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
+    train_stream = data.TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
+                                    plan.steps_per_epoch * cfg.train.grad_accum, rank, world, cfg.train.seed)
+    train_batches = data.loader(train_stream, cfg.data, pin)
+    val_batches = data.loader(data.EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world), cfg.data, pin)
     result = {}
     started = time.time()
     first_epoch = epoch
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
-        train_epoch(engine, cfg, plan, train_manifest, epoch, device, log)
-        result = evaluate(engine, cfg, val_manifest, device)
+        train_stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
+        corrupt = train_epoch(engine, cfg, plan, train_batches, epoch, device, log)
+        result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
+        step_in_epoch = 0
         checkpoint.save(engine, run_dir, epoch, config_dict)
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
-                           epoch_s=time.time() - epoch_start, eta_s=per_epoch * (cfg.schedule.epochs - epoch))
+                           train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
+                           eta_s=per_epoch * (cfg.schedule.epochs - epoch))
         if primary:
             print(metrics.progress_line(record), flush=True)
     dist.barrier()
     if primary:
         print(report.write(run_dir), flush=True)
     return result
-

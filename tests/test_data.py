@@ -1,15 +1,23 @@
 import collections
 import dataclasses
 import io
+import json
 import pickle
+import shlex
+import subprocess
+import sys
 
+import matplotlib.cbook
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision.transforms import v2
 
 from pipeline import config, data
 from pipeline.manifest import load_manifest
+
+PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo
 
 
 def demo_data_cfg(**changes):
@@ -17,78 +25,187 @@ def demo_data_cfg(**changes):
     return dataclasses.replace(cfg, shuffle_buffer=20, **changes)
 
 
-def covered(stream: data.TrainStream, workers: int) -> list[tuple[str, int]]:
-    """(shard url, index in shard) of every sample the stream's workers read."""
-    out = []
-    for w in range(workers):
-        for seg in stream.worker_segments(w, workers):
-            out += [(seg.url, i) for i in range(seg.skip, seg.skip + seg.take)]
-    return out
+def global_stream(manifest, seed, epoch) -> list[str]:
+    """Keys of the epoch's one global stream, read with plain webdataset in the epoch's shard order."""
+    urls = manifest.urls()
+    order = data.epoch_order(len(urls), seed, epoch)
+    return [s["__key__"] for s in wds.WebDataset([urls[i] for i in order], shardshuffle=False)]
 
 
-@pytest.mark.parametrize("world, workers", [(1, 1), (2, 2), (3, 1), (3, 4)])
-def test_one_shuffle_split_into_equal_disjoint_parts(shard_dir, world, workers):
+def plan_rows(stream, workers) -> list[dict]:
+    return list(data.rank_plan(stream, max(workers, 1)))
+
+
+def train_stream(manifest, cfg, n, rank, world, seed=0, epoch=0, start_step=0):
+    stream = data.TrainStream(manifest, cfg, n, config.micro_batches_per_rank(manifest.num_samples, world, n, 1),
+                              rank, world, seed)
+    stream.set_epoch(epoch, start_step)
+    return stream
+
+
+@pytest.mark.parametrize("world, workers, n", [(1, 1, 8), (2, 2, 8), (3, 1, 7), (3, 4, 8), (7, 3, 5)])
+def test_rank_r_reads_its_slice_of_one_global_permutation(shard_dir, world, workers, n):
     manifest = load_manifest(shard_dir, "train")
-    batches = (manifest.num_samples // world) // 8
-    parts = [covered(data.TrainStream(manifest, demo_data_cfg(), 8, batches, r, world, seed=0, epoch=3), workers)
-             for r in range(world)]
-    assert all(len(p) == batches * 8 for p in parts)  # every rank the same number of full batches
-    flat = [s for p in parts for s in p]
-    assert len(set(flat)) == len(flat)  # no sample twice in an epoch
+    stream_keys = global_stream(manifest, seed=0, epoch=3)
+    per_rank = manifest.num_samples // world
+    batches = per_rank // n
+    for rank in range(world):
+        rows = plan_rows(train_stream(manifest, demo_data_cfg(), n, rank, world, epoch=3), workers)
+        assert [r["step"] for r in rows] == list(range(batches))  # every rank the same steps, in order
+        assert all(len(r["keys"]) == n for r in rows)  # drop_last: only full batches
+        keys = [k for r in rows for k in r["keys"]]
+        # a rank may start and end mid-shard (shards hold 25); it reads the front of its slice
+        assert sorted(keys) == sorted(stream_keys[rank * per_rank: rank * per_rank + batches * n])
 
 
-def test_each_epoch_is_a_new_permutation_and_reproducible(shard_dir):
-    manifest = load_manifest(shard_dir, "train")
-    def rank0(seed, epoch):
-        return covered(data.TrainStream(manifest, demo_data_cfg(), 8, 10, 0, 2, seed=seed, epoch=epoch), 1)
-    assert rank0(0, 0) == rank0(0, 0)
-    assert rank0(0, 0) != rank0(0, 1)
-    assert rank0(0, 0) != rank0(1, 0)
+def test_each_epoch_a_new_permutation_and_a_new_remainder(shard_dir):
+    manifest = load_manifest(shard_dir, "train")  # 240 samples over 7 ranks: 2 dropped per epoch
+    def epoch_keys(epoch, seed=0):
+        return [set(k for r in plan_rows(train_stream(manifest, demo_data_cfg(), 5, rank, 7, seed, epoch), 1)
+                    for k in r["keys"]) for rank in range(7)]
+    everything = set(global_stream(manifest, 0, 0))
+    dropped = [everything - set().union(*epoch_keys(e)) for e in (0, 1)]
+    assert dropped[0] != dropped[1]
+    assert epoch_keys(0) == epoch_keys(0) and epoch_keys(0) != epoch_keys(1) and epoch_keys(0) != epoch_keys(0, seed=1)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_yields_planned_batches_with_the_right_labels(shard_dir, workers):
+def loader_batches(stream, cfg) -> list[data.Batch]:
+    return list(data.loader(stream, cfg, pin_memory=False))
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_loader_yields_what_inspect_lists(shard_dir, workers):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=workers)
-    want = collections.Counter()
-    got = collections.Counter()
-    for rank in range(2):
-        stream = data.TrainStream(manifest, cfg, 8, 14, rank, 2, seed=0, epoch=1)
-        batches = list(data.loader(stream, cfg, pin_memory=False))
-        assert len(batches) == 14
-        for images, labels in batches:
-            assert images.shape == (8, 3, cfg.image_size, cfg.image_size) and images.dtype == torch.uint8
-            got.update(labels.tolist())
-        for w in range(max(workers, 1)):
-            for sample in data.read_segments(stream.worker_segments(w, max(workers, 1))):
-                want[int(sample["cls"])] += 1
-    assert got == want
+    stream = train_stream(manifest, cfg, 8, 1, 2, epoch=1)  # 15 batches: 3 workers make 5, 2 make 8 and 7
+    batches = loader_batches(stream, cfg)
+    rows = plan_rows(stream, workers)
+    assert [b.keys for b in batches] == [r["keys"] for r in rows]
+    labels = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(manifest.urls(), shardshuffle=False)}
+    for batch in batches:
+        assert batch.images.shape == (8, 3, cfg.image_size, cfg.image_size) and batch.images.dtype == torch.uint8
+        assert batch.labels.tolist() == [labels[k] for k in batch.keys] and batch.corrupt == 0
 
 
-def test_same_seed_same_batches(shard_dir):
+def test_inspect_cli_prints_the_plan(shard_dir):
     manifest = load_manifest(shard_dir, "train")
-    def first_batches():
-        cfg = demo_data_cfg(workers=2)
-        stream = data.TrainStream(manifest, cfg, 8, 5, 1, 2, seed=0, epoch=0)
-        return list(data.loader(stream, cfg, pin_memory=False))
-    for (a, la), (b, lb) in zip(first_batches(), first_batches()):
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    out = subprocess.run([sys.executable, "-m", "pipeline.data", "inspect", "--shards", str(shard_dir),
+                          "--world-size", "2", "--workers", "3", "--batch-size", "8", "--epoch", "1",
+                          "--shuffle-buffer", "20"], capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    for rank in range(2):
+        want = plan_rows(train_stream(manifest, demo_data_cfg(), 8, rank, 2, epoch=1), 3)
+        assert [{k: r[k] for k in ("worker", "step", "keys")} for r in rows if r["rank"] == rank] == want
+    assert {r["worker"] for r in rows} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resume_mid_epoch_yields_exactly_the_rest(shard_dir, workers):
+    manifest = load_manifest(shard_dir, "train")
+    cfg = demo_data_cfg(workers=workers)
+    stream = train_stream(manifest, cfg, 8, 0, 2, epoch=2)
+    batches = data.loader(stream, cfg, pin_memory=False)  # one persistent loader for every pass
+    full = list(batches)
+    for start in (1, 5, 14, 15):
+        stream.set_epoch(2, start)
+        rest = list(batches)
+        assert len(rest) == 15 - start
+        for a, b in zip(rest, full[start:]):
+            assert a.keys == b.keys and torch.equal(a.images, b.images)  # same samples, same crops and flips
+
+
+def test_persistent_workers_follow_set_epoch(shard_dir):
+    manifest = load_manifest(shard_dir, "train")
+    cfg = demo_data_cfg(workers=2)
+    stream = train_stream(manifest, cfg, 8, 0, 2, epoch=0)
+    batches = data.loader(stream, cfg, pin_memory=False)
+    epochs = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        epochs.append([b.keys for b in batches])
+    fresh = [b.keys for b in loader_batches(train_stream(manifest, cfg, 8, 0, 2, epoch=1), cfg)]
+    assert epochs[1] == fresh and epochs[0] != epochs[1]
+
+
+def test_resume_opens_no_consumed_shard_and_reads_pipe_urls(shard_dir, tmp_path):
+    """Shards through a `pipe:` command that logs what it opens: a resumed pass starts at the shard
+    holding its shuffle block."""
+    manifest = load_manifest(shard_dir, "train")
+    log = tmp_path / "opened"
+    template = f"pipe:echo {{name}} >> {shlex.quote(str(log))}; cat {shlex.quote(str(shard_dir))}/{{name}}"
+    cfg = demo_data_cfg(workers=0, shard_url=template)
+    stream = train_stream(manifest, cfg, 8, 0, 1)  # 30 batches over all 10 shards
+    full = loader_batches(stream, cfg)
+    opened_full = log.read_text().split()
+    log.unlink()
+    stream.set_epoch(0, 20)  # sample 160, where the 9th shuffle block of 20 samples starts
+    rest = loader_batches(stream, cfg)
+    assert [b.keys for b in rest] == [b.keys for b in full[20:]]
+    counts = [manifest.shards[i]["num_samples"] for i in data.epoch_order(10, 0, 0)]
+    consumed = sum(1 for i in range(10) if sum(counts[: i + 1]) <= 160)  # shards wholly before sample 160
+    assert consumed >= 5 and log.read_text().split() == opened_full[consumed:]
+
+
+def test_set_epoch_refuses_a_step_outside_the_epoch(shard_dir):
+    stream = train_stream(load_manifest(shard_dir, "train"), demo_data_cfg(), 8, 0, 1)
+    with pytest.raises(ValueError, match="start_step=31 outside the epoch's 30 steps"):
+        stream.set_epoch(0, 31)
 
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (3, 2), (4, 3)])
 def test_eval_sees_every_image_exactly_once(shard_dir, world, workers):
     manifest = load_manifest(shard_dir, "val")
-    streams = [data.EvalStream(manifest, demo_data_cfg(workers=workers), 8, rank, world) for rank in range(world)]
-    keys = [s["__key__"] for stream in streams for w in range(max(workers, 1))
-            for s in data.read_segments(stream.worker_segments(w, max(workers, 1)))]
-    all_keys = [s["__key__"] for s in wds.WebDataset(manifest.urls(), shardshuffle=False)]
-    assert sorted(keys) == sorted(all_keys) and len(keys) == manifest.num_samples
-    want = collections.Counter(int(s["cls"]) for s in wds.WebDataset(manifest.urls(), shardshuffle=False))
-    got = collections.Counter()
-    for stream in streams:
-        for images, labels in data.loader(stream, stream.cfg, False):
-            got.update(labels.tolist())
-    assert got == want
+    cfg = demo_data_cfg(workers=workers)
+    keys = collections.Counter()
+    for rank in range(world):
+        for batch in loader_batches(data.EvalStream(manifest, cfg, 8, rank, world), cfg):
+            keys.update(batch.keys)
+    assert set(keys.values()) == {1} and sum(keys.values()) == manifest.num_samples == 70
+
+
+def write_shard_dir(path, samples: list[dict], split: str = "train"):
+    """One tar holding `samples` and the manifest describing it."""
+    path.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path / f"{split}-000000.tar")) as sink:
+        for sample in samples:
+            sink.write(sample)
+    manifest = {"split": split, "num_samples": len(samples), "classes": ["a", "b"], "skipped": [],
+                "shards": [{"name": f"{split}-000000.tar", "num_samples": len(samples), "sha256": ""}]}
+    (path / f"{split}.json").write_text(json.dumps(manifest))
+    return load_manifest(path, split)
+
+
+def jpeg(color) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_corrupt_jpeg_is_replaced_and_counted_in_training_but_fails_evaluation(tmp_path, capfd):
+    good = jpeg((200, 10, 10))
+    samples = [{"__key__": f"s{i}", "jpg": good, "cls": b"1"} for i in range(8)]
+    samples[3] = {"__key__": "broken", "jpg": good[: len(good) // 3], "cls": b"0"}
+    samples[5] = {"__key__": "empty", "jpg": b"", "cls": b"0"}
+    manifest = write_shard_dir(tmp_path, samples)
+    cfg = demo_data_cfg(workers=0)
+    stream = data.TrainStream(manifest, cfg, 4, 2, 0, 1, seed=0)
+    stream.set_epoch(0)
+    batches = loader_batches(stream, cfg)
+    assert [len(b.keys) for b in batches] == [4, 4] and sum(b.corrupt for b in batches) == 2
+    assert not {"broken", "empty"} & {k for b in batches for k in b.keys}
+    assert all(b.labels.eq(1).all() for b in batches)
+    err = capfd.readouterr().err
+    assert "'broken' is not a decodable image" in err and "'empty' is not a decodable image" in err
+    with pytest.raises(ValueError, match="'broken' is not a decodable image.*pipeline.shards verify"):
+        loader_batches(data.EvalStream(manifest, cfg, 4, 0, 1), cfg)
+
+
+def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(tmp_path):
+    manifest = write_shard_dir(tmp_path, [{"__key__": f"s{i}", "jpg": b"junk", "cls": b"0"} for i in range(4)])
+    stream = data.TrainStream(manifest, demo_data_cfg(), 4, 1, 0, 1, seed=0)
+    stream.set_epoch(0)
+    with pytest.raises(ValueError, match="all 4 samples of a batch are corrupt"):
+        list(stream)
 
 
 class Boom:
@@ -96,19 +213,59 @@ class Boom:
         return (exec, ("raise SystemExit('a pickle in a shard was loaded')",))
 
 
-def test_other_members_are_never_read(tmp_path):
-    jpg = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(jpg, format="JPEG")
-    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
-        sink.write({"__key__": "a", "jpg": jpg.getvalue(), "cls": b"1", "pyd": pickle.dumps(Boom())})
-    samples = list(data.read_segments([data.Segment(str(tmp_path / "s.tar"), 0, 1)]))
+def test_other_members_never_reach_pickle(tmp_path):
+    manifest = write_shard_dir(tmp_path, [{"__key__": "a", "jpg": jpeg((0, 0, 0)), "cls": b"1",
+                                           "pyd": pickle.dumps(Boom()), "pickle": pickle.dumps(Boom())}])
+    samples = list(data.read_segments([data.Segment(manifest.urls()[0], 0, 1)]))
     assert set(samples[0]) == {"__key__", "__url__", "jpg", "cls"}
+    stream = data.EvalStream(manifest, demo_data_cfg(), 1, 0, 1)
+    assert [b.keys for b in stream] == [["a"]]
 
 
 def test_short_shard_is_an_error(shard_dir):
     manifest = load_manifest(shard_dir, "val")
     with pytest.raises(ValueError, match="does not match its manifest"):
         list(data.read_segments([data.Segment(manifest.urls()[0], 20, 10)]))
+
+
+def imagenet_cfg(**changes):
+    return dataclasses.replace(config.DataConfig(), **changes)
+
+
+def test_eval_decode_equals_resize_then_centre_crop():
+    """Reduced-size decode plus one fused resize matches torchvision's Resize(256) + CenterCrop(224)."""
+    photo = open(PHOTO, "rb").read()
+    for cfg in (imagenet_cfg(), imagenet_cfg(eval_resize=128, image_size=112)):  # full decode; 1/2 decode
+        ours = data.decode_eval(photo, cfg).permute(2, 0, 1).float()
+        ref = v2.Compose([v2.Resize(cfg.eval_resize), v2.CenterCrop(cfg.image_size)])(Image.open(PHOTO))
+        ref = v2.functional.pil_to_tensor(ref).float()
+        assert ours.shape == ref.shape == (3, cfg.image_size, cfg.image_size)
+        assert (ours - ref).abs().mean() < 3  # of 255: resampling differences only, not a shifted crop
+
+
+def test_train_decode_full_crop_is_the_resized_photo():
+    """crop_scale_min=1 on a square photo: the crop is the whole image, decoded at 1/2 size (512 >= 2*224)."""
+    square = io.BytesIO()
+    Image.open(PHOTO).crop((0, 44, 512, 556)).save(square, format="JPEG", quality=95)
+    cfg = imagenet_cfg(crop_scale_min=1.0)
+    ref = v2.functional.pil_to_tensor(Image.open(square).resize((224, 224), Image.Resampling.BILINEAR)).float()
+    flips = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = data.decode_train(square.getvalue(), cfg).permute(2, 0, 1).float()
+        flipped = (ours - ref.flip(-1)).abs().mean() < (ours - ref).abs().mean()
+        flips.add(bool(flipped))
+        assert (ours - (ref.flip(-1) if flipped else ref)).abs().mean() < 3
+    assert flips == {True, False}  # horizontal flip, both ways
+
+
+def test_train_crops_vary_in_scale_and_aspect():
+    cfg = imagenet_cfg()
+    photo = open(PHOTO, "rb").read()
+    torch.manual_seed(0)
+    crops = [data.decode_train(photo, cfg) for _ in range(4)]
+    assert all(c.shape == (224, 224, 3) and c.dtype == torch.uint8 for c in crops)
+    assert len({c.float().mean().round().item() for c in crops}) > 1
 
 
 def test_normalize_uses_mean_and_std():

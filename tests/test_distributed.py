@@ -21,8 +21,10 @@ def small_config(shard_dir) -> config.Config:
 
 def batches(cfg, rank, world):
     manifest = load_manifest(cfg.data.shards, "train")
-    stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, STEPS, rank, world, cfg.train.seed, 0)
-    return [(data.normalize(x, cfg.data), y) for x, y in data.loader(stream, cfg.data, False)]
+    stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, STEPS, rank, world, cfg.train.seed)
+    stream.set_epoch(0)
+    cpu = torch.device("cpu")
+    return [(train.model_input(b.images, cfg, cpu), b.labels) for b in data.loader(stream, cfg.data, False)]
 
 
 def start_engine(cfg, rank, world, port):
