@@ -74,6 +74,8 @@ def check_shards(cfg: config.Config) -> None:
         if len(manifest.classes) != cfg.model.num_classes:
             raise ValueError(f"{manifest.path}: {len(manifest.classes)} classes but model.num_classes="
                              f"{cfg.model.num_classes}; pass model.num_classes={len(manifest.classes)}")
+        if cfg.data.shard_url:  # read from elsewhere (object store, pipe:); the first read tells
+            continue
         missing = [url for url in manifest.urls() if not Path(url).is_file()]
         if missing:
             raise FileNotFoundError(f"{manifest.path} lists {len(missing)} shards that are not on disk, e.g. {missing[0]}; "

@@ -63,6 +63,14 @@ def test_impossible_plans_are_refused():
         config.resolve(config.apply_overrides(config.preset("demo"), ["train.precision=fp8"]))
     with pytest.raises(ValueError, match="no full step"):
         config.resolve(config.apply_overrides(config.preset("demo"), ["data.train_samples=10"]))
+    with pytest.raises(ValueError, match=r"data.shard_url='s3://b/x.tar' lacks \{name\}"):
+        config.resolve(config.apply_overrides(config.preset("demo"), ["data.shard_url=s3://b/x.tar"]))
+
+
+def test_ranks_read_whole_accumulation_windows_of_micro_batches():
+    # 1000 samples over 3 ranks: 333 each, 41 micro-batches of 8, 40 in whole windows of 4
+    assert config.micro_batches_per_rank(1000, 3, 8, 1) == 41
+    assert config.micro_batches_per_rank(1000, 3, 8, 4) == 40
 
 
 def test_run_config_round_trip(tmp_path):

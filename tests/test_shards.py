@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import tarfile
 
 import pytest
 import webdataset as wds
@@ -40,8 +41,18 @@ def test_train_order_is_shuffled_and_reproducible(image_tree, shard_dir, tmp_pat
     assert len({label for _, label, _ in samples[:25]}) > 3  # a class-sorted shard would hold one or two classes
     shards.convert(image_tree, tmp_path / "again", shard_samples=25)
     assert [k for k, _, _ in read_all(load_manifest(tmp_path / "again", "train"))] == [k for k, _, _ in samples]
+    for split in ("train", "val"):  # byte-identical shards: the same checksums
+        again = load_manifest(tmp_path / "again", split)
+        assert again.shards == load_manifest(shard_dir, split).shards
     shards.convert(image_tree, tmp_path / "other seed", shard_samples=25, seed=1)
     assert [k for k, _, _ in read_all(load_manifest(tmp_path / "other seed", "train"))] != [k for k, _, _ in samples]
+
+
+def test_shards_are_plain_ustar_without_per_member_pax_headers(shard_dir):
+    """A PAX header per member (webdataset's default float mtime) doubles the header parsing per sample."""
+    with tarfile.open(load_manifest(shard_dir, "val").urls()[0]) as tar:
+        members = tar.getmembers()
+    assert members and all(not m.pax_headers and m.mtime == 0 for m in members)
 
 
 def test_odd_inputs_are_converted_or_skipped(tmp_path):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import webdataset as wds
 
 from pipeline import config, metrics, schedule
 
@@ -119,13 +121,29 @@ def test_rank_entry_point_needs_a_prepared_run(tmp_path):
     assert result.returncode == 2 and "--emit-sbatch" in result.stderr
 
 
+def with_a_corrupt_train_image(shard_dir, out):
+    """A copy of the shards whose first train shard holds a truncated JPEG."""
+    shutil.copytree(shard_dir, out)
+    shard = out / "train-000000.tar"
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard), encoder=False) as sink:
+        for i, sample in enumerate(samples):
+            jpg = sample["jpg"][:100] if i == 3 else sample["jpg"]
+            sink.write({"__key__": sample["__key__"], "jpg": jpg, "cls": sample["cls"]})
+    return out, samples[3]["__key__"]
+
+
 def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
     run_dir = tmp_path / "debug run"
-    result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shard_dir}",
+    shards, bad_key = with_a_corrupt_train_image(shard_dir, tmp_path / "shards")
+    result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shards}",
                     *SMALL, "schedule.epochs=1", "train.grad_accum=2")
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics.read(run_dir / "metrics.jsonl")
     evals = [r for r in records if r["_type"] == "eval"]
     assert len(evals) == 1 and evals[0]["num_samples"] == 70
+    # the corrupt image is named, replaced, counted, and the epoch still has all its steps
+    assert evals[0]["train_corrupt"] == 1 and "1 corrupt training images replaced" in result.stdout
+    assert f"{bad_key!r} is not a decodable image" in result.stderr
     # 240 images / 8 per micro-batch / 2 accumulated = 15 optimizer steps, each logged once
     assert [r["step"] for r in records if r["_type"] == "train_iter"] == list(range(1, 16))

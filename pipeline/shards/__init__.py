@@ -103,7 +103,10 @@ def _write_shard(src: Path, out: Path, name: str, items, skipped: list[dict], ba
     """Write one shard under a temporary name, rename it when complete, return its manifest entry."""
     tmp = out / f".{name}.partial"
     count = 0
-    with wds.TarWriter(str(tmp), encoder=False) as sink:
+    # A fixed integer mtime: shards are byte-identical across conversions, and tarfile writes no PAX header
+    # for each member (webdataset's default float time.time() adds one, which doubles the cost of reading
+    # a member's header; its `format` argument never reaches tarfile).
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
         for relpath, label in items:
             try:
                 jpg = rgb_jpeg((src / relpath).read_bytes())

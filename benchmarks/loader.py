@@ -1,0 +1,181 @@
+"""Loader benchmark: train-transform images/s per CPU core, ours against the usual pipeline and bare decode.
+
+    python benchmarks/loader.py [--src IMAGENET_TRAIN_SUBSET | --photos DIR] [--images 2000] [--out FILE]
+
+Every pipeline runs in this one process on one thread (images/s per core) over the same JPEGs, in
+rounds, interleaved; the median round counts:
+
+- bare decode: full-size decode of every JPEG from memory (PIL, and torchvision.io.decode_jpeg), no
+  I/O, no transform: the floor any JPEG pipeline pays without reduced-size decoding.
+- ImageFolder: torchvision's ImageFolder + PIL with RandomResizedCrop(224), RandomHorizontalFlip,
+  ToTensor, Normalize: what most ImageNet training scripts run.
+- ours: pipeline.data.TrainStream over shards of the same images (tar reading, shuffle block,
+  reduced-size decode, the same crop and flip, uint8 batches of 32; normalisation happens on the GPU).
+- ours without draft: the same with PIL's reduced-size decoding switched off, to show what it buys.
+- ours through the DataLoader with one worker per core: total images/s of this machine.
+
+Without --src the images are made from real photos (Debian's mate-backgrounds: `apt-get install
+mate-backgrounds`): random crops resized to ImageNet's sizes (most 500x375 or 375x500, some up to
+1600 px) and saved as JPEG quality 90, about ImageNet's 110 KB per image. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torchvision
+from PIL import Image, JpegImagePlugin
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipeline import data, shards
+from pipeline.config import DataConfig
+from pipeline.manifest import load_manifest
+
+DEFAULT_PHOTOS = Path("/usr/share/backgrounds/mate/nature")
+CLASSES = 10
+
+
+def make_tree(photos: Path, root: Path, count: int, seed: int = 0) -> Path:
+    """root/train/<class>/*.JPEG: `count` ImageNet-sized JPEGs cut from the real photos in `photos`."""
+    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not sources:
+        raise SystemExit(f"no JPEG photos in {photos}: apt-get install mate-backgrounds, or pass --src with "
+                         "an ImageFolder tree of your own JPEGs (e.g. a slice of ImageNet train)")
+    rng = random.Random(seed)
+    images = [Image.open(p).convert("RGB") for p in sources]
+    for i in range(count):
+        photo = images[i % len(images)]
+        if rng.random() < 0.1:  # ImageNet has a tail of large images
+            long_side = rng.randint(800, 1600)
+        else:
+            long_side = 500
+        short_side = int(long_side * rng.uniform(0.66, 0.75))
+        w, h = (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
+        scale = rng.uniform(0.4, 1.0)
+        cw, ch = int(photo.width * scale), int(photo.width * scale * h / w)
+        if ch > photo.height:
+            cw, ch = int(photo.height * w / h), photo.height
+        x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
+        out = root / "train" / f"class{i % CLASSES}"
+        out.mkdir(parents=True, exist_ok=True)
+        photo.resize((w, h), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch)).save(
+            out / f"img{i:05d}.JPEG", quality=90)
+    return root
+
+
+def bare_pil(blobs: list[bytes]) -> None:
+    for blob in blobs:
+        Image.open(io.BytesIO(blob)).convert("RGB")
+
+
+def bare_torchvision(blobs: list[bytes]) -> None:
+    for blob in blobs:
+        decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def imagefolder(dataset: torchvision.datasets.ImageFolder) -> None:
+    for i in range(len(dataset)):
+        dataset[i]
+
+
+def ours(stream: data.TrainStream) -> None:
+    for _ in stream:
+        pass
+
+
+def ours_no_draft(stream: data.TrainStream) -> None:
+    with mock.patch.object(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None):
+        ours(stream)
+
+
+def ours_loader(loader) -> None:
+    for _ in loader:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, help="an ImageFolder tree ROOT/train/<class>/*.JPEG to measure on")
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="real photos to cut images from")
+    parser.add_argument("--images", type=int, default=2000, help="images to make when --src is not given")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the last row")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/loader.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="loader-bench-"))
+    src = args.src or make_tree(args.photos, work / "images", args.images)
+    (work / "shards").mkdir()
+    shards.convert_split(src, work / "shards", "train", shards.list_classes(src), shards.DEFAULT_SHARD_SAMPLES, 0)
+    manifest = load_manifest(work / "shards", "train")
+    files = sorted((src / "train").rglob("*.JPEG"))
+    blobs = [f.read_bytes() for f in files]
+    sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
+    n = manifest.num_samples
+
+    cfg = DataConfig(shards=str(work / "shards"), workers=0)
+    stream = data.TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
+    stream.set_epoch(0)
+    loader_cfg = dataclasses.replace(cfg, workers=args.workers)
+    loader_stream = data.TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
+    loader_stream.set_epoch(0)
+    loader = data.loader(loader_stream, loader_cfg, pin_memory=False)
+    folder = torchvision.datasets.ImageFolder(str(src / "train"), transform=T.Compose([
+        T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
+        T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]))
+    pipelines = {
+        "bare_decode_pil": (lambda: bare_pil(blobs), len(blobs)),
+        "bare_decode_torchvision": (lambda: bare_torchvision(blobs), len(blobs)),
+        "imagefolder_pil": (lambda: imagefolder(folder), len(folder)),
+        "ours": (lambda: ours(stream), n // 32 * 32),
+        "ours_no_draft": (lambda: ours_no_draft(stream), n // 32 * 32),
+        f"ours_dataloader_{args.workers}_workers": (lambda: ours_loader(loader), n // 32 * 32),
+    }
+    ours_loader(loader)  # start the workers and warm the page cache before timing
+    runs = {name: [] for name in pipelines}
+    for r in range(args.rounds):
+        for name, (run, count) in pipelines.items():
+            start = time.perf_counter()
+            run()
+            runs[name].append(count / (time.perf_counter() - start))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
+    median = {name: statistics.median(v) for name, v in runs.items()}
+    bare = max(median["bare_decode_pil"], median["bare_decode_torchvision"])
+    result = {
+        "images": n,
+        "mean_pixels": sum(w * h for w, h in sizes) / len(sizes),
+        "mean_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
+        "cpu_count": os.cpu_count(),
+        "rounds": args.rounds,
+        "img_s_median": median,
+        "img_s_runs": runs,
+        "ours_vs_imagefolder": median["ours"] / median["imagefolder_pil"],
+        "ours_vs_bare_decode": median["ours"] / bare,
+        "draft_speedup": median["ours"] / median["ours_no_draft"],
+    }
+    print(f"\n{n} images, mean {result['mean_pixels'] / 1e3:.0f} kpixel, {result['mean_kb']:.0f} KB; "
+          "images/s on one core (median of rounds):")
+    for name, value in median.items():
+        print(f"  {name:34s} {value:8.0f}")
+    print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2), "
+          f"ours / bare decode = {result['ours_vs_bare_decode']:.2f} (goal >= 0.8), "
+          f"draft speed-up = {result['draft_speedup']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
