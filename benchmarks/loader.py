@@ -162,16 +162,17 @@ def main() -> None:
         "img_s_median": median,
         "img_s_runs": runs,
         "ours_vs_imagefolder": median["ours"] / median["imagefolder_pil"],
-        "ours_vs_bare_decode": median["ours"] / bare,
+        "ours_vs_bare_decode": median["ours"] / bare,  # against the faster decoder
+        "ours_vs_bare_decode_pil": median["ours"] / median["bare_decode_pil"],
         "draft_speedup": median["ours"] / median["ours_no_draft"],
     }
     print(f"\n{n} images, mean {result['mean_pixels'] / 1e3:.0f} kpixel, {result['mean_kb']:.0f} KB; "
           "images/s on one core (median of rounds):")
     for name, value in median.items():
         print(f"  {name:34s} {value:8.0f}")
-    print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2), "
-          f"ours / bare decode = {result['ours_vs_bare_decode']:.2f} (goal >= 0.8), "
-          f"draft speed-up = {result['draft_speedup']:.2f}x")
+    print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2); ours / bare decode = "
+          f"{result['ours_vs_bare_decode']:.2f} of the faster decoder, {result['ours_vs_bare_decode_pil']:.2f} "
+          f"of PIL's (goal >= 0.8); reduced-size decoding speed-up = {result['draft_speedup']:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -56,8 +56,8 @@ from pipeline.manifest import Manifest, load_manifest
 
 # Only these members of a shard are ever read: a shard carrying a pickle never reaches pickle.loads.
 SAMPLE_EXTENSIONS = (".jpg", ".cls")
-# What PIL (and torchvision's decoder: RuntimeError) raise on a truncated, empty or non-image file.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, Image.DecompressionBombError)
+# What PIL raises on a truncated, empty or non-image file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random-resized crop (paper 5.1, Szegedy et al.)
 # torchvision 0.29 deprecates its decoder in favour of torchcodec (not a dependency); it still works, and is
 # the fastest full-size decoder we have. Said once here instead of once per worker.
@@ -148,30 +148,35 @@ def block_shuffle(samples: Iterator[dict], block: int, first_block: int, seed: l
         index += 1
 
 
-def _pixels(jpeg: bytes, image: Image.Image, shrink: float) -> tuple[torch.Tensor, float]:
-    """uint8 [3, H, W] (a channels_last view) and its scale against the full image.
+def _pixels(jpeg: bytes, image: Image.Image, shrink: float) -> tuple[torch.Tensor, float, float]:
+    """uint8 [3, H, W] (a channels_last view) and its (x, y) scale against the full image.
 
     When the crop lets the image be `shrink` >= 2 times smaller, PIL's draft decodes it at 1/2, 1/4 or
     1/8 size inside the DCT (4-64x fewer pixels); otherwise torchvision's decoder, the fastest full-size
-    one here (libjpeg-turbo, straight into a tensor).
+    one here (libjpeg-turbo, straight into a tensor). A file torchvision refuses gets PIL's full decode,
+    so a sample is corrupt only when PIL cannot read it either (the converter checked it with PIL).
     """
+    width, height = image.size
     if shrink >= 2:
-        width = image.size[0]
-        image.draft("RGB", (math.ceil(width / shrink), math.ceil(image.size[1] / shrink)))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1), image.size[0] / width
-    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB), 1.0
+        image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+    else:
+        try:
+            pixels = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return pixels, 1.0, 1.0
+        except RuntimeError:
+            pass
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return pixels, pixels.shape[2] / width, pixels.shape[1] / height
 
 
-def _resized_crop(pixels: torch.Tensor, scale: float, top: float, left: float, h: float, w: float,
+def _resized_crop(pixels: torch.Tensor, sx: float, sy: float, top: float, left: float, h: float, w: float,
                   size: int) -> torch.Tensor:
     """The box (top, left, h, w) of the full image, resized to size x size (bilinear, antialiased).
 
     On a uint8 channels_last image torch takes its vectorised uint8 path, about 3x faster than PIL's resize.
     """
-    t, l = round(top * scale), round(left * scale)
-    crop = pixels[:, t: t + max(1, round(h * scale)), l: l + max(1, round(w * scale))]
+    t, l = round(top * sy), round(left * sx)
+    crop = pixels[:, t: t + max(1, round(h * sy)), l: l + max(1, round(w * sx))]
     return F.resize(crop, [size, size], antialias=True)
 
 
@@ -180,8 +185,7 @@ def decode_train(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
     horizontal flip (paper 5.1), drawing from torch's global generator; uint8 [3, S, S]."""
     image = Image.open(io.BytesIO(jpeg))  # reads the header only: the size, for the crop
     top, left, h, w = RandomResizedCrop.get_params(image, scale=(cfg.crop_scale_min, 1.0), ratio=ASPECT_RATIOS)
-    pixels, scale = _pixels(jpeg, image, min(w, h) / cfg.image_size)
-    out = _resized_crop(pixels, scale, top, left, h, w, cfg.image_size)
+    out = _resized_crop(*_pixels(jpeg, image, min(w, h) / cfg.image_size), top, left, h, w, cfg.image_size)
     return out.flip(-1) if torch.rand(()) < 0.5 else out
 
 
@@ -192,8 +196,8 @@ def decode_eval(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
     width, height = image.size
     zoom = cfg.eval_resize / min(width, height)
     side = cfg.image_size / zoom  # the centre crop's side in full-image pixels
-    pixels, scale = _pixels(jpeg, image, 1 / zoom)
-    return _resized_crop(pixels, scale, (height - side) / 2, (width - side) / 2, side, side, cfg.image_size)
+    return _resized_crop(*_pixels(jpeg, image, 1 / zoom), (height - side) / 2, (width - side) / 2, side, side,
+                         cfg.image_size)
 
 
 def _describe(sample: dict, err: Exception) -> str:
@@ -214,26 +218,28 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
                on_corrupt: Callable[[dict, Exception], None]) -> Batch:
     """Decode a batch; a corrupt sample (reported through on_corrupt) is replaced by a fresh decode of
     another sample of the same batch, so every batch keeps exactly n images."""
-    images, labels, keys, good, bad = [], [], [], [], []
+    decoded: list[tuple[torch.Tensor, dict]] = []
+    corrupt = 0
     for sample in samples:
         try:
-            images.append(decode(sample["jpg"]))
+            decoded.append((decode(sample["jpg"]), sample))
         except DECODE_ERRORS as err:
             on_corrupt(sample, err)
-            bad.append(sample)
-            continue
-        labels.append(int(sample["cls"]))
-        keys.append(sample["__key__"])
-        good.append(sample)
-    if bad and not good:
-        raise ValueError(f"all {len(samples)} samples of a batch are corrupt, e.g. {bad[0]['__url__']}: "
-                         f"{bad[0]['__key__']!r}; the shard is damaged: check it with python -m pipeline.shards verify")
-    for i in range(len(bad)):
-        sample = good[i % len(good)]
-        images.append(decode(sample["jpg"]))
-        labels.append(int(sample["cls"]))
-        keys.append(sample["__key__"])
-    return Batch(torch.stack(images), torch.tensor(labels), keys, len(bad))
+            corrupt += 1
+    for attempt in range(len(samples)):  # a replacement draws a new crop, which could fail to decode too
+        if not decoded or len(decoded) == len(samples):
+            break
+        sample = decoded[attempt % len(decoded)][1]
+        try:
+            decoded.append((decode(sample["jpg"]), sample))
+        except DECODE_ERRORS as err:
+            on_corrupt(sample, err)
+    if len(decoded) < len(samples):
+        raise ValueError(f"{corrupt} of the {len(samples)} samples of a batch do not decode and too few others do "
+                         f"to replace them (the batch starts at {samples[0]['__url__']}: {samples[0]['__key__']!r}); "
+                         "the shard is damaged: check it with python -m pipeline.shards verify")
+    return Batch(torch.stack([image for image, _ in decoded]), torch.tensor([int(s["cls"]) for _, s in decoded]),
+                 [s["__key__"] for _, s in decoded], corrupt)
 
 
 def _worker() -> tuple[int, int]:
@@ -299,9 +305,13 @@ class TrainStream(torch.utils.data.IterableDataset):
         part = (worker + start_step) % num_workers
         decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
         for step, samples in self.sample_batches(part, num_workers):
+            # The crops and flips of a step draw from a seed of their own; the caller's generator is left as
+            # it was (with workers=0 the loader runs inside the training process).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
-                yield make_batch(samples, decode, warn_corrupt)
+                torch.default_generator.manual_seed(
+                    int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
+                batch = make_batch(samples, decode, warn_corrupt)
+            yield batch
 
 
 class EvalStream(torch.utils.data.IterableDataset):
@@ -346,17 +356,20 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader with cfg.workers persistent processes over a stream that already yields batches.
+def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool,
+           persistent: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader with cfg.workers processes over a stream that already yields batches.
 
-    Build it once and iterate it once per epoch (after stream.set_epoch for training): the workers live
-    for the whole run. A worker that hands over nothing for cfg.timeout_s seconds fails the rank instead of
-    hanging it (and with it every other rank in the next allreduce).
+    Build it once and iterate it once per pass (after stream.set_epoch for training): persistent workers
+    live for the whole run; the evaluation loader, used once an epoch, starts its workers for each pass
+    instead of keeping a second set alive. A worker that hands over nothing for cfg.timeout_s seconds
+    fails the rank instead of hanging it (and with it every other rank in the next allreduce).
     """
     workers = cfg.workers
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                        prefetch_factor=cfg.prefetch if workers else None,
-                                       persistent_workers=workers > 0, timeout=cfg.timeout_s if workers else 0,
+                                       persistent_workers=persistent and workers > 0,
+                                       timeout=cfg.timeout_s if workers else 0,
                                        in_order=True,  # strict turns: step s comes from worker part s % W
                                        multiprocessing_context=_worker_context() if workers else None)
 

@@ -121,6 +121,10 @@ def run(run_dir: Path) -> dict:
     log = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=primary)
     train_manifest = load_manifest(cfg.data.shards, "train")
     val_manifest = load_manifest(cfg.data.shards, "val")
+    for manifest, planned in ((train_manifest, cfg.data.train_samples), (val_manifest, cfg.data.val_samples)):
+        if manifest.num_samples != planned:  # the plan (steps, warmup) was derived from the config's count
+            raise ValueError(f"{manifest.path} now lists {manifest.num_samples} samples but the run was planned for "
+                             f"{planned}; the shards changed after submission: restore them or start a new run")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = model.build(cfg.model).to(device)
     if device.type == "cuda":
@@ -129,8 +133,8 @@ def run(run_dir: Path) -> dict:
     engine = build_engine(net, cfg, plan, ds_config)
     config_dict = to_dict(cfg)
     tag = checkpoint.resume(engine, run_dir, config_dict)
-    # The position comes from the optimizer step DeepSpeed restored, so a checkpoint taken mid-epoch
-    # resumes at the very next batch of the same epoch.
+    # The position comes from the optimizer step DeepSpeed restored: a checkpoint taken after any step
+    # resumes at the next batch, mid-epoch included (the loader skips straight to it).
     epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg))
     if tag is not None:
@@ -139,7 +143,8 @@ def run(run_dir: Path) -> dict:
     train_stream = data.TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
                                     plan.steps_per_epoch * cfg.train.grad_accum, rank, world, cfg.train.seed)
     train_batches = data.loader(train_stream, cfg.data, pin)
-    val_batches = data.loader(data.EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world), cfg.data, pin)
+    val_stream = data.EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world)
+    val_batches = data.loader(val_stream, cfg.data, pin, persistent=False)
     result = {}
     started = time.time()
     first_epoch = epoch

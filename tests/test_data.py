@@ -22,7 +22,7 @@ PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  #
 
 def demo_data_cfg(**changes):
     cfg = config.preset("demo").data
-    return dataclasses.replace(cfg, shuffle_buffer=20, **changes)
+    return dataclasses.replace(cfg, **{"shuffle_buffer": 20, **changes})
 
 
 def global_stream(manifest, seed, epoch) -> list[str]:
@@ -56,6 +56,20 @@ def test_rank_r_reads_its_slice_of_one_global_permutation(shard_dir, world, work
         keys = [k for r in rows for k in r["keys"]]
         # a rank may start and end mid-shard (shards hold 25); it reads the front of its slice
         assert sorted(keys) == sorted(stream_keys[rank * per_rank: rank * per_rank + batches * n])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_without_shuffle_a_rank_reads_its_slice_in_stream_order(shard_dir, workers):
+    """shuffle_buffer=1: the worker parts, laid end to end, are exactly the rank's slice of the stream."""
+    manifest = load_manifest(shard_dir, "train")
+    stream_keys = global_stream(manifest, seed=0, epoch=2)
+    for rank in range(2):
+        rows = plan_rows(train_stream(manifest, demo_data_cfg(shuffle_buffer=1), 8, rank, 2, epoch=2), workers)
+        by_part = [k for w in range(workers) for r in rows if r["worker"] == w for k in r["keys"]]
+        assert by_part == stream_keys[rank * 120: rank * 120 + 120]
+        shuffled = plan_rows(train_stream(manifest, demo_data_cfg(), 8, rank, 2, epoch=2), workers)
+        keys = [k for w in range(workers) for r in shuffled if r["worker"] == w for k in r["keys"]]
+        assert keys != by_part and sorted(keys) == sorted(by_part)  # the shuffle block permutes within the part
 
 
 def test_each_epoch_a_new_permutation_and_a_new_remainder(shard_dir):
@@ -112,6 +126,32 @@ def test_resume_mid_epoch_yields_exactly_the_rest(shard_dir, workers):
         assert len(rest) == 15 - start
         for a, b in zip(rest, full[start:]):
             assert a.keys == b.keys and torch.equal(a.images, b.images)  # same samples, same crops and flips
+
+
+def test_more_workers_than_batches(shard_dir):
+    cfg = demo_data_cfg(workers=3)
+    stream = data.TrainStream(load_manifest(shard_dir, "train"), cfg, 8, 2, 0, 1, seed=0)  # 2 batches, 3 workers
+    stream.set_epoch(0)
+    batches = loader_batches(stream, cfg)
+    assert [b.keys for b in batches] == [r["keys"] for r in plan_rows(stream, 3)] and len(batches) == 2
+
+
+def test_augmentation_is_seeded_by_epoch_and_leaves_the_callers_generator_alone(tmp_path):
+    """One shard, no shuffle: the same photos in the same order every epoch, cropped anew each epoch."""
+    photo = open(PHOTO, "rb").read()
+    manifest = write_shard_dir(tmp_path, [{"__key__": f"s{i}", "jpg": photo, "cls": b"0"} for i in range(8)])
+    stream = data.TrainStream(manifest, imagenet_cfg(shuffle_buffer=1, workers=0), 4, 2, 0, 1, seed=0)
+    def epoch_images(epoch):
+        stream.set_epoch(epoch)
+        return [b.images for b in stream]
+    before = torch.get_rng_state()
+    passes = iter(stream)
+    next(passes)
+    assert torch.equal(torch.get_rng_state(), before)  # also while the caller holds a batch
+    first = epoch_images(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch_images(0)))
+    assert not any(torch.equal(a, b) for a, b in zip(first, epoch_images(1)))
+    assert not torch.equal(first[0][0], first[0][1])  # copies of one photo in a batch: different crops
 
 
 def test_persistent_workers_follow_set_epoch(shard_dir):
@@ -181,21 +221,27 @@ def jpeg(color) -> bytes:
     return out.getvalue()
 
 
-def test_corrupt_jpeg_is_replaced_and_counted_in_training_but_fails_evaluation(tmp_path, capfd):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_jpeg_is_replaced_and_counted_in_training_but_fails_evaluation(tmp_path, capfd, workers):
     good = jpeg((200, 10, 10))
+    photo = open(PHOTO, "rb").read()
     samples = [{"__key__": f"s{i}", "jpg": good, "cls": b"1"} for i in range(8)]
-    samples[3] = {"__key__": "broken", "jpg": good[: len(good) // 3], "cls": b"0"}
+    samples[3] = {"__key__": "broken", "jpg": good[: len(good) // 3], "cls": b"0"}  # full-size decode path
     samples[5] = {"__key__": "empty", "jpg": b"", "cls": b"0"}
+    samples[6] = {"__key__": "cut photo", "jpg": photo[: len(photo) // 2], "cls": b"0"}  # reduced-size path
     manifest = write_shard_dir(tmp_path, samples)
-    cfg = demo_data_cfg(workers=0)
+    cfg = dataclasses.replace(demo_data_cfg(workers=workers), image_size=24, eval_resize=24)
     stream = data.TrainStream(manifest, cfg, 4, 2, 0, 1, seed=0)
     stream.set_epoch(0)
     batches = loader_batches(stream, cfg)
-    assert [len(b.keys) for b in batches] == [4, 4] and sum(b.corrupt for b in batches) == 2
-    assert not {"broken", "empty"} & {k for b in batches for k in b.keys}
+    assert [len(b.keys) for b in batches] == [4, 4] and sum(b.corrupt for b in batches) == 3
+    assert not {"broken", "empty", "cut photo"} & {k for b in batches for k in b.keys}
     assert all(b.labels.eq(1).all() for b in batches)
+    if workers:  # worker processes write to the stderr the forkserver started with, not to capfd's
+        return
     err = capfd.readouterr().err
-    assert "'broken' is not a decodable image" in err and "'empty' is not a decodable image" in err
+    for key in ("broken", "empty", "cut photo"):
+        assert f"{key!r} is not a decodable image" in err
     with pytest.raises(ValueError, match="'broken' is not a decodable image.*pipeline.shards verify"):
         loader_batches(data.EvalStream(manifest, cfg, 4, 0, 1), cfg)
 
@@ -204,7 +250,7 @@ def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(tmp_path):
     manifest = write_shard_dir(tmp_path, [{"__key__": f"s{i}", "jpg": b"junk", "cls": b"0"} for i in range(4)])
     stream = data.TrainStream(manifest, demo_data_cfg(), 4, 1, 0, 1, seed=0)
     stream.set_epoch(0)
-    with pytest.raises(ValueError, match="all 4 samples of a batch are corrupt"):
+    with pytest.raises(ValueError, match="4 of the 4 samples of a batch do not decode.*pipeline.shards verify"):
         list(stream)
 
 
