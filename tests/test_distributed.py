@@ -88,6 +88,31 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_result, 
     assert two_rank_result[0]["lr"] == pytest.approx(lr)  # DeepSpeed stepped our schedule once per step
 
 
+def accum_main(rank, shard_dir, port, out_dir):
+    """One process accumulating the two ranks' micro-batches: gradient_accumulation_steps=2, same kn."""
+    data_cfg = small_config(shard_dir)
+    cfg = config.apply_overrides(data_cfg, ["cluster.gpus_per_node=1", "train.grad_accum=2"])
+    ds_engine = start_engine(cfg, 0, 1, port + 2)
+    ds_engine.eval()
+    per_rank = [batches(data_cfg, r, WORLD) for r in range(WORLD)]
+    for step in range(STEPS):
+        for r in range(WORLD):
+            x, y = per_rank[r][step]
+            ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
+            ds_engine.step()
+    torch.save({"state": ds_engine.module.state_dict(), "lr": ds_engine.get_lr()[0],
+                "steps": ds_engine.global_steps}, out_dir / "accum.pt")
+
+
+def test_k_ranks_equal_one_rank_accumulating_k_micro_batches(two_rank_result, shard_dir, tmp_path, free_port):
+    mp.start_processes(accum_main, args=(shard_dir, free_port, tmp_path), nprocs=1, start_method="spawn")
+    result = torch.load(tmp_path / "accum.pt")
+    assert result["steps"] == STEPS and result["lr"] == pytest.approx(two_rank_result[0]["lr"])
+    want = two_rank_result[0]["state"]
+    for key in want:
+        torch.testing.assert_close(result["state"][key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def bf16_main(rank, shard_dir, port, out_dir):
     cfg = config.apply_overrides(small_config(shard_dir), ["train.precision=bf16", "cluster.gpus_per_node=1"])
     ds_engine = start_engine(cfg, 0, 1, port + 1)

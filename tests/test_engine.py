@@ -26,6 +26,15 @@ def test_shipped_configs_get_the_batch_keys_and_keep_the_recipe():
     assert dsconfig.reconcile_ds_config(shipped("bf16"), "bf16.json", bf16, plan)["torch_autocast"]["enabled"] is True
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resolved_ds_config_of_the_8k_run_matches_its_golden_file(precision):
+    """What DeepSpeed gets for goyal_r50_bs8k on 32 nodes x 8 GPUs (tests/golden/ds_config_bs8k_*.json)."""
+    cfg, plan = plan_of(config.apply_overrides(config.preset("goyal_r50_bs8k"), [f"train.precision={precision}"]))
+    assert (cfg.cluster.nodes, cfg.cluster.gpus_per_node) == (32, 8)
+    golden = json.loads((dsconfig.PROJECT_ROOT / "tests" / "golden" / f"ds_config_bs8k_{precision}.json").read_text())
+    assert dsconfig.load_ds_config(cfg, plan) == golden
+
+
 def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     cfg, plan = plan_of(config.preset("demo"))
     assert dsconfig.reconcile_ds_config({}, "x.json", cfg, plan)["gradient_clipping"] == 0
