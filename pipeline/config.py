@@ -65,6 +65,7 @@ class ScheduleConfig:
     warmup_epochs: float = 5.0  # paper 2.2: ramp base_lr -> peak lr, linearly per iteration (only when kn > ref)
     milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs where the lr is multiplied by gamma (paper 5.1)
     gamma: float = 0.1
+    kind: str = "step"  # "step": x gamma at each milestone (paper 5.1); "cosine": half-cosine from peak to 0 after warmup
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,8 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
+    if cfg.schedule.kind not in ("step", "cosine"):
+        errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
     if cfg.schedule.warmup_epochs < 0:
         errors.append(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} must be 0 or more")
     if cfg.train.precision not in ("fp32", "bf16"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pipeline.config import Plan, ScheduleConfig
 
 
@@ -9,7 +11,8 @@ def lr_at(step: int, base_lr: float, plan: Plan, sched: ScheduleConfig) -> float
     """Learning rate of optimizer step `step` (0-based).
 
     warmup (step < W):  lr = base_lr + (peak - base_lr) * step / W     (gradual warmup, paper 2.2)
-    after:              lr = peak * gamma ** #{m in milestones : step / steps_per_epoch >= m}
+    after, "step":      lr = peak * gamma ** #{m in milestones : step / steps_per_epoch >= m}   (paper 5.1)
+    after, "cosine":    lr = peak * (1 + cos(pi * (step - W) / (T - W))) / 2,   T = total steps
 
     with peak = plan.peak_lr = base_lr * kn / reference_batch (linear scaling, paper 2.1) and W =
     plan.warmup_steps, which is 0 when kn <= reference_batch. Warmup starts at base_lr, not at 0, and
@@ -17,5 +20,8 @@ def lr_at(step: int, base_lr: float, plan: Plan, sched: ScheduleConfig) -> float
     """
     if step < plan.warmup_steps:
         return base_lr + (plan.peak_lr - base_lr) * step / plan.warmup_steps
+    if sched.kind == "cosine":
+        progress = min(1.0, (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps))
+        return plan.peak_lr * (1 + math.cos(math.pi * progress)) / 2
     epoch = step / plan.steps_per_epoch
     return plan.peak_lr * sched.gamma ** sum(epoch >= m for m in sched.milestones)

@@ -103,3 +103,24 @@ def test_torch_sgd_equals_the_papers_update_with_momentum_correction():
         w, lr_old = w - v, lr
         torch.testing.assert_close(layer.weight.data.double(), w, rtol=1e-5, atol=1e-7)
     assert lr_old > 0.1  # the schedule moved the lr during the test (warmup from 0.1)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_nesterov_switch_reaches_the_update(nesterov):
+    """Two steps with torch's forms: u <- m u + g'; Nesterov w -= lr (g' + m u), plain w -= lr u."""
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), [f"optim.nesterov={str(nesterov).lower()}"])
+    plan = config.resolve(cfg)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 5, bias=False)
+    w = layer.weight.detach().clone().double()
+    opt = engine.build_optimizer(layer, cfg, plan)
+    m, lr, wd = cfg.optim.momentum, plan.peak_lr, cfg.optim.weight_decay
+    u = torch.zeros_like(w)
+    for _ in range(2):
+        g = torch.randn(5, 3)
+        layer.weight.grad = g.clone()
+        opt.step()
+        g_wd = g.double() + wd * w
+        u = m * u + g_wd
+        w = w - lr * (g_wd + m * u if nesterov else u)
+        torch.testing.assert_close(layer.weight.data.double(), w, rtol=1e-5, atol=1e-7)
