@@ -78,6 +78,7 @@ class TrainConfig:
     ds_config: str = ""  # DeepSpeed JSON; empty means ds_configs/<precision>.json of this project
     seed: int = 0  # seeds the model init and the per-epoch data permutation
     log_every: int = 50  # optimizer steps between train_iter records
+    precise_bn_batches: int = 0  # 0: evaluate on BN's running averages (paper); N: recompute them on N train batches per rank first
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,8 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
+    if cfg.train.precise_bn_batches < 0:
+        errors.append(f"train.precise_bn_batches={cfg.train.precise_bn_batches} must be 0 (off) or more")
     if cfg.schedule.kind not in ("step", "cosine"):
         errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
     if cfg.schedule.warmup_epochs < 0:
@@ -293,6 +296,9 @@ def resolve(cfg: Config) -> Plan:
             f"data.train_samples={cfg.data.train_samples} gives no full step at global_batch={global_batch}; "
             "use fewer ranks, a smaller train.micro_batch or train.grad_accum"
         )
+    if cfg.train.precise_bn_batches > steps_per_epoch * accum:
+        raise ValueError(f"train.precise_bn_batches={cfg.train.precise_bn_batches} exceeds the "
+                         f"{steps_per_epoch * accum} micro-batches a rank reads per epoch; use fewer")
     warmup = 0
     if global_batch > cfg.optim.reference_batch:
         warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)

@@ -6,6 +6,7 @@ All state lives in the run folder (config.json, ds_config.json, metrics.jsonl, c
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -42,15 +43,18 @@ def init_distributed(cfg: Config) -> torch.device:
 def average_bn_statistics(net: torch.nn.Module) -> None:
     """Make BN running statistics the mean over ranks, so every rank evaluates the same model.
 
-    BN trains on per-rank statistics (paper 2.3) and so each rank's running averages differ; they are
-    only used by evaluation, which then sees k times more images behind each estimate.
+    BN trains on per-rank statistics (paper 2.3) and so each rank's running averages (or precise-BN
+    averages) differ; they are only used by evaluation, which then sees k times more images behind each
+    estimate. One allreduce of all of them, flattened.
     """
-    world = dist.get_world_size()
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer)  # all_reduce: per-rank running stats -> sum, then mean
-                buffer.div_(world)
+    buffers = [buffer for module in net.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var)]
+    flat = torch.cat([buffer.flatten() for buffer in buffers])
+    dist.all_reduce(flat)  # all_reduce: per-rank BN statistics -> sum, then mean
+    flat.div_(dist.get_world_size())
+    for buffer, mean in zip(buffers, flat.split([buffer.numel() for buffer in buffers])):
+        buffer.copy_(mean.view_as(buffer))
 
 
 def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -61,6 +65,14 @@ def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torc
     """
     x = data.normalize(images.to(device, non_blocking=True), cfg.data)
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+
+
+def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: torch.device) -> None:
+    """Replace BN running statistics with their plain average over `count` training batches ("precise
+    BN", as in pycls), instead of the exponential running averages; evaluate() then averages them over
+    ranks like the running ones. torch's update_bn does the resetting and the forward passes."""
+    inputs = (model_input(batch.images, cfg, device) for batch in itertools.islice(batches, count))
+    torch.optim.swa_utils.update_bn(inputs, net)
 
 
 @torch.no_grad()
@@ -152,6 +164,9 @@ def run(run_dir: Path) -> dict:
         epoch_start = time.time()
         train_stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
         corrupt = train_epoch(engine, cfg, plan, train_batches, epoch, device, log)
+        if cfg.train.precise_bn_batches:
+            train_stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
+            precise_bn(engine.module, train_batches, cfg.train.precise_bn_batches, cfg, device)
         result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
         step_in_epoch = 0

@@ -124,3 +124,26 @@ def test_nesterov_switch_reaches_the_update(nesterov):
         u = m * u + g_wd
         w = w - lr * (g_wd + m * u if nesterov else u)
         torch.testing.assert_close(layer.weight.data.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_precise_bn_sets_statistics_to_the_plain_average_over_batches():
+    from pipeline import data, train
+    cfg = config.preset("demo")
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    batches = [data.Batch(torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8), torch.zeros(8), [], 0)
+               for _ in range(4)]
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    net[0].running_mean.fill_(7.0)
+    train.precise_bn(net, iter(batches), 3, cfg, cpu)
+    inputs = [train.model_input(b.images, cfg, cpu) for b in batches[:3]]  # the 4th batch is never read
+    want_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
+    want_var = torch.stack([x.var(dim=(0, 2, 3)) for x in inputs]).mean(0)  # unbiased, as BN stores it
+    torch.testing.assert_close(net[0].running_mean, want_mean)
+    torch.testing.assert_close(net[0].running_var, want_var)
+    assert net[0].momentum == 0.1 and net.training  # BN's own settings come back
+
+
+def test_precise_bn_cannot_ask_for_more_batches_than_an_epoch_has():
+    with pytest.raises(ValueError, match="train.precise_bn_batches=1000 exceeds the 937 micro-batches"):
+        config.resolve(config.apply_overrides(config.preset("demo"), ["train.precise_bn_batches=1000"]))

@@ -137,7 +137,7 @@ def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
     run_dir = tmp_path / "debug run"
     shards, bad_key = with_a_corrupt_train_image(shard_dir, tmp_path / "shards")
     result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shards}",
-                    *SMALL, "schedule.epochs=1", "train.grad_accum=2")
+                    *SMALL, "schedule.epochs=1", "train.grad_accum=2", "train.precise_bn_batches=4")
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics.read(run_dir / "metrics.jsonl")
     evals = [r for r in records if r["_type"] == "eval"]
