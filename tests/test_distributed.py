@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from pipeline import config, data, dsconfig, engine, model, train
 from pipeline.manifest import load_manifest
+from test_schedule import GOLDEN_8K
 
 WORLD = 2
 STEPS = 2
@@ -111,6 +112,33 @@ def test_k_ranks_equal_one_rank_accumulating_k_micro_batches(two_rank_result, sh
     want = two_rank_result[0]["state"]
     for key in want:
         torch.testing.assert_close(result["state"][key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def schedule_main(rank, port, out_dir):
+    """The 8k plan (kn=8192, 156 steps/epoch) in one process, a tiny model, every optimizer step of 90 epochs."""
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs8k"), [
+        "cluster.nodes=1", "cluster.gpus_per_node=1", "train.micro_batch=8192", "cluster.cpus_per_task=1"])
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 3))
+    plan = config.resolve(cfg)
+    train.init_distributed(cfg)
+    ds_engine = engine.build_engine(torch.nn.Linear(2, 2), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    x, lrs = torch.zeros(1, 2), []
+    for _ in range(plan.total_steps):
+        lrs.append(ds_engine.get_lr()[0])  # the lr this optimizer step uses
+        ds_engine.backward(ds_engine(x).sum())
+        ds_engine.step()
+    torch.save({"lrs": lrs, "plan": plan}, out_dir / "schedule.pt")
+
+
+def test_golden_8k_schedule_through_the_engine(tmp_path, free_port):
+    mp.start_processes(schedule_main, args=(free_port, tmp_path), nprocs=1, start_method="spawn")
+    result = torch.load(tmp_path / "schedule.pt", weights_only=False)
+    plan, lrs = result["plan"], result["lrs"]
+    assert (plan.global_batch, plan.steps_per_epoch, plan.warmup_steps) == (8192, 156, 780)
+    assert len(lrs) == plan.total_steps == 14040
+    for epoch, lr in GOLDEN_8K:
+        assert lrs[round(epoch * plan.steps_per_epoch)] == pytest.approx(lr), epoch
+    assert len(set(lrs[:plan.warmup_steps])) == plan.warmup_steps  # a new lr every warmup iteration
 
 
 def bf16_main(rank, shard_dir, port, out_dir):
