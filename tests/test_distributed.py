@@ -45,7 +45,15 @@ def rank_main(rank, shard_dir, port, out_dir):
     for x, y in batches(cfg, rank, WORLD):
         ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
         ds_engine.step()
-    torch.save({"state": ds_engine.module.state_dict(), "lr": ds_engine.get_lr()[0]}, out_dir / f"rank{rank}.pt")
+    state = {k: v.clone() for k, v in ds_engine.module.state_dict().items()}
+    ds_engine.train()
+    with torch.no_grad():
+        ds_engine(x)  # this rank's own batch moves its BN running statistics away from the other rank's
+    bn = ds_engine.module.bn1
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    train.average_bn_statistics(ds_engine.module)
+    torch.save({"state": state, "lr": ds_engine.get_lr()[0], "bn_before": before,
+                "bn_after": (bn.running_mean, bn.running_var)}, out_dir / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +84,15 @@ def reference_step(cfg):
 def test_ranks_hold_identical_parameters(two_rank_result):
     a, b = (r["state"] for r in two_rank_result)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_rank_evaluates_with_the_mean_of_the_ranks_bn_statistics(two_rank_result):
+    before = [r["bn_before"] for r in two_rank_result]
+    assert not torch.equal(before[0][0], before[1][0])  # per-rank statistics (paper 2.3), no SyncBN
+    for i in range(2):  # running_mean, running_var
+        mean = (before[0][i] + before[1][i]) / 2
+        for result in two_rank_result:
+            torch.testing.assert_close(result["bn_after"][i], mean)
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_result, shard_dir):

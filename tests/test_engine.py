@@ -72,10 +72,16 @@ def test_weight_decay_skips_bn_and_biases():
 def test_model_init_follows_the_paper():
     net = model.build(config.ModelConfig(arch="resnet50"))
     assert net.fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    conv = net.layer3[0].conv2  # He init: std sqrt(2 / fan_out), fan_out = out_channels * k * k
+    assert conv.weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(type(m) is torch.nn.BatchNorm2d and m.momentum == 0.1 for m in bns)  # per-worker BN, no SyncBN
     assert all(block.bn3.weight.abs().sum() == 0 for layer in (net.layer1, net.layer4) for block in layer)
     assert net.layer1[0].conv2.stride == (1, 1) and net.layer2[0].conv2.stride == (2, 2)  # stride on the 3x3
     with pytest.raises(ValueError, match="valid: .*resnet50"):
         model.build(config.ModelConfig(arch="vgg16"))
+    plain = model.build(config.ModelConfig(arch="resnet50", zero_init_residual=False))
+    assert all(block.bn3.weight.eq(1).all() for block in plain.layer1)  # zero-gamma is switchable
 
 
 def test_torch_sgd_equals_the_papers_update_with_momentum_correction():
