@@ -153,3 +153,11 @@ def test_precise_bn_sets_statistics_to_the_plain_average_over_batches():
 def test_precise_bn_cannot_ask_for_more_batches_than_an_epoch_has():
     with pytest.raises(ValueError, match="train.precise_bn_batches=1000 exceeds the 937 micro-batches"):
         config.resolve(config.apply_overrides(config.preset("demo"), ["train.precise_bn_batches=1000"]))
+
+
+def test_weight_decay_does_not_scale_with_the_batch():
+    """Linear scaling changes the lr only (paper 2.1): weight decay is 1e-4 at 256 and at 8k."""
+    for name in ("goyal_r50_bs256", "goyal_r50_bs8k"):
+        cfg, plan = plan_of(config.preset(name))
+        groups = engine.build_optimizer(torch.nn.Conv2d(3, 4, 3), cfg, plan).param_groups
+        assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]

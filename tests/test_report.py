@@ -1,0 +1,19 @@
+from pipeline import report
+
+
+def evals(errors):
+    return [{"_type": "eval", "epoch": e, "top1_err": err, "top5_err": 1.0, "num_samples": 50_000,
+             "epoch_s": 10.0, "step": 156 * (e + 1)} for e, err in enumerate(errors)]
+
+
+def test_reported_error_is_the_median_of_the_last_five_epochs():
+    """The paper reports the median top-1 error of the last 5 epochs."""
+    summary = report.summarize(evals([40, 30, 26, 24.5, 23.9, 23.5, 24.1]), [])
+    assert summary["median_last5_top1_err"] == 24.1  # median of 26, 24.5, 23.9, 23.5, 24.1
+    assert summary["final_top1_err"] == 24.1 and summary["best_top1_err"] == 23.5 and summary["epochs"] == 7
+
+
+def test_a_resumed_epoch_counts_once_with_its_later_record():
+    first, again = evals([30, 25]), evals([30, 24])  # epoch 1 logged, then trained again after a requeue
+    latest = report._latest(first + again[1:], "eval", "epoch")
+    assert [r["top1_err"] for r in latest] == [30, 24]
