@@ -329,3 +329,15 @@ def test_normalize_uses_mean_and_std():
     cfg = demo_data_cfg(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     out = data.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), cfg)
     assert torch.allclose(out, torch.full_like(out, 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_gpu_batches_are_pinned_and_reach_the_model_channels_last(shard_dir):
+    from pipeline import train
+    manifest = load_manifest(shard_dir, "train")
+    cfg = demo_data_cfg(workers=2)
+    batch = next(iter(data.loader(train_stream(manifest, cfg, 8, 0, 1), cfg, pin_memory=True)))
+    assert batch.images.is_pinned() and batch.keys and batch.corrupt == 0
+    x = train.model_input(batch.images, config.preset("demo"), torch.device("cuda"))
+    assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
