@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -104,3 +105,40 @@ def test_manifest_is_json_with_the_documented_fields(shard_dir):
     raw = json.loads((shard_dir / "val.json").read_text())
     assert {"split", "num_samples", "classes", "shards", "skipped"} <= set(raw)
     assert set(raw["shards"][0]) == {"name", "num_samples", "sha256"}
+
+
+def test_verify_passes_good_shards_and_names_a_flipped_byte(shard_dir, tmp_path, capsys):
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    assert shards_main(["verify", str(copy), "--deep"]) == 0
+    assert "240 samples match" in capsys.readouterr().err
+    shard = copy / load_manifest(copy, "train").shards[4]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert shards_main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {shard}: sha256" in err and "reconvert it" in err
+
+
+def test_deep_verify_decodes_every_image(tmp_path, capsys):
+    """A shard whose bytes match the manifest but holds an undecodable JPEG: only --deep sees it."""
+    out = tmp_path / "shards"
+    root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
+    shards.convert(root, out, shard_samples=4)
+    manifest = json.loads((out / "val.json").read_text())
+    path = out / manifest["shards"][0]["name"]
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for i, s in enumerate(samples):
+            sink.write({"__key__": s["__key__"], "jpg": s["jpg"][:300] if i == 1 else s["jpg"], "cls": s["cls"]})
+    manifest["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (out / "val.json").write_text(json.dumps(manifest))
+    assert shards_main(["verify", str(out)]) == 0
+    assert shards_main(["verify", str(out), "--deep"]) == 1
+    assert f"{path}: sample {samples[1]['__key__']!r} is not a decodable image" in capsys.readouterr().err
+
+
+def test_verify_without_shards_says_how_to_make_them(tmp_path, capsys):
+    assert shards_main(["verify", str(tmp_path)]) == 2
+    assert "python -m pipeline.shards convert" in capsys.readouterr().err

@@ -179,3 +179,62 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
             print(f"{split}: {out / (split + '.json')} is complete, kept (--force rewrites)", file=sys.stderr)
             continue
         convert_split(src, out, split, classes, shard_samples, seed)
+
+
+class BadShard(Exception):
+    """A shard that does not match its manifest; the message names it and says what differs."""
+
+
+def _check_image(data: bytes) -> None:
+    """Raise BadImage unless data decodes fully as an RGB JPEG (what the converter writes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format != "JPEG" or image.mode != "RGB":
+                raise BadImage(f"a {image.format} image in mode {image.mode}, not an RGB JPEG")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImage(f"not a decodable image: {err}") from None
+
+
+def verify_shard(path: Path, entry: dict, num_classes: int, deep: bool) -> int:
+    """Check one shard against its manifest entry (sha256, sample count, .jpg/.cls members, labels; with
+    deep, every image decodes as RGB); returns its sample count, raises BadShard on the first difference."""
+    if not path.is_file():
+        raise BadShard(f"{path}: missing; rerun python -m pipeline.shards convert")
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        raise BadShard(f"{path}: sha256 {digest} but the manifest says {entry['sha256']}; the file changed after "
+                       "conversion, reconvert it")
+    count = 0
+    files = wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": str(path)}]))
+    for sample in wds.tariterators.group_by_keys(files):
+        key = sample["__key__"]
+        if {"jpg", "cls"} - set(sample):
+            raise BadShard(f"{path}: sample {key!r} lacks .jpg or .cls")
+        label = sample["cls"].decode(errors="replace")
+        if not label.isdigit() or int(label) >= num_classes:
+            raise BadShard(f"{path}: sample {key!r} has label {label!r}, not one of 0..{num_classes - 1}")
+        if deep:
+            try:
+                _check_image(sample["jpg"])
+            except BadImage as err:
+                raise BadShard(f"{path}: sample {key!r} is {err}") from None
+        count += 1
+    if count != entry["num_samples"]:
+        raise BadShard(f"{path}: {count} samples but the manifest says {entry['num_samples']}; reconvert it")
+    return count
+
+
+def verify(out: Path, deep: bool = False) -> None:
+    """Check every shard of both splits against its manifest, with a progress bar; raises BadShard naming
+    the first bad shard (FileNotFoundError/ValueError for a missing or inconsistent manifest)."""
+    for split in SPLITS:
+        manifest = load_manifest(out, split)
+        started, samples = time.time(), 0
+        with tqdm(total=len(manifest.shards), desc=f"{split} verify", unit="shard", file=sys.stderr) as bar:
+            for entry, url in zip(manifest.shards, manifest.urls()):
+                samples += verify_shard(Path(url), entry, len(manifest.classes), deep)
+                bar.update(1)
+        checks = "sha256, counts, labels" + (", every image decoded" if deep else "")
+        print(f"{split}: {len(manifest.shards)} shards, {samples} samples match {manifest.path} ({checks}), "
+              f"{time.time() - started:.1f} s", file=sys.stderr)

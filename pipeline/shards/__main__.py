@@ -1,4 +1,4 @@
-"""Command line of the shard converter: python -m pipeline.shards convert --src ROOT --out DIR."""
+"""Command line of the shard converter: python -m pipeline.shards convert --src ROOT --out DIR | verify DIR."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.shards import __doc__ as DESCRIPTION
-from pipeline.shards import DEFAULT_SHARD_SAMPLES, convert
+from pipeline.shards import DEFAULT_SHARD_SAMPLES, BadShard, convert, verify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +21,21 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"images per shard (default {DEFAULT_SHARD_SAMPLES}, ~110 MB on ImageNet)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the train file order (default 0)")
     conv.add_argument("--force", action="store_true", help="rewrite splits whose shards are already complete")
+    check = sub.add_parser("verify", help="recompute every shard's sha256 and sample count against the manifests",
+                           description="Exit 0 when every shard of DIR matches train.json and val.json; exit 1 "
+                                       "naming the first shard that does not (missing, changed bytes, wrong sample "
+                                       "count, a sample without .jpg/.cls, a label out of range).")
+    check.add_argument("dir", type=Path, help="folder holding train.json / val.json and their shards")
+    check.add_argument("--deep", action="store_true", help="also decode every image (as slow as a pass of training)")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.out, args.shard_samples, args.seed, args.force)
+        if args.command == "convert":
+            convert(args.src, args.out, args.shard_samples, args.seed, args.force)
+        else:
+            verify(args.dir, args.deep)
+    except BadShard as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
