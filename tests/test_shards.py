@@ -2,7 +2,11 @@ import hashlib
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 import webdataset as wds
@@ -142,3 +146,56 @@ def test_deep_verify_decodes_every_image(tmp_path, capsys):
 def test_verify_without_shards_says_how_to_make_them(tmp_path, capsys):
     assert shards_main(["verify", str(tmp_path)]) == 2
     assert "python -m pipeline.shards convert" in capsys.readouterr().err
+
+
+def manifests(out):
+    return [json.loads((out / f"{split}.json").read_text()) for split in ("train", "val")]
+
+
+def test_parallel_and_array_task_conversions_equal_the_serial_one(image_tree, tmp_path):
+    shards.convert(image_tree, tmp_path / "serial", shard_samples=7)
+    shards.convert(image_tree, tmp_path / "parallel", shard_samples=7, workers=2)
+    for task in range(3):  # three array tasks, then the merging run
+        shards.convert(image_tree, tmp_path / "tasks", shard_samples=7, task=(task, 3))
+    assert not (tmp_path / "tasks" / "train.json").exists()
+    shards.convert(image_tree, tmp_path / "tasks", shard_samples=7)
+    want = manifests(tmp_path / "serial")
+    assert manifests(tmp_path / "parallel") == want and manifests(tmp_path / "tasks") == want
+
+
+def test_a_killed_conversion_resumes_to_the_same_manifest(image_tree, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.shards", "convert", "--src", str(image_tree), "--out", str(out),
+           "--shard-samples", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list((out / ".parts").glob("train-*.json"))) < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train.json").exists()  # killed mid-way: there is something to resume
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar") if (out / ".parts" / f"{p.name}.json").exists()}
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())  # kept, not rewritten
+    shards.convert(image_tree, tmp_path / "whole", shard_samples=2)
+    assert manifests(out) == manifests(tmp_path / "whole")
+    assert not list(out.glob(".*.partial"))
+
+
+def test_a_folder_of_another_conversion_is_refused(image_tree, shard_dir, tmp_path, capsys):
+    assert shards_main(["convert", "--src", str(image_tree), "--out", str(shard_dir), "--shard-samples", "30"]) == 2
+    assert "holds shards of another conversion (shard_samples: 25 -> 30)" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_without_a_half_written_shard(image_tree, tmp_path):
+    disk = tmp_path / "small disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
+    try:
+        with pytest.raises(OSError, match="the disk is full .*rerun the same command: finished shards are kept"):
+            shards.convert(image_tree, disk / "out", shard_samples=25)
+        assert not list((disk / "out").glob(".*.partial"))
+        records = {p.name[:-5] for p in (disk / "out" / ".parts").glob("train-*.json")}
+        assert records and records == {p.name for p in (disk / "out").glob("train-*.tar")}
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

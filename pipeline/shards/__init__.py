@@ -6,13 +6,22 @@ ROOT/train/<class>/<file> and ROOT/val/<class>/<file> become DIR/train-000000.ta
 DIR/val.json. A sample is `<key>.jpg` (RGB JPEG bytes) + `<key>.cls` (decimal label). Labels index the
 sorted class-folder names of train/. Train files are written in a seeded random order: a shard of one
 class would leave the loader's shuffle buffer with a handful of classes per batch.
+
+Which files go into which shard is a pure function of the sorted file list, --seed and --shard-samples,
+so shards are written independently: by --workers processes, or by the tasks of a Slurm array
+(--task-index/--num-tasks, then one plain run writes the manifests). Each shard is written under a
+temporary name and renamed when complete, then recorded in DIR/.parts/; a rerun of the same command
+after a kill skips recorded shards, rewrites the rest, and ends with the same manifest (shards are
+byte-identical) as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -31,6 +40,7 @@ MANIFEST_VERSION = 1
 DEFAULT_SHARD_SAMPLES = 1000  # ~110 MB shards on ImageNet
 EXIF_ORIENTATION = 0x0112
 REENCODE_QUALITY = 95
+PARTS = ".parts"  # DIR/.parts/: a record per finished shard, and what conversion the folder belongs to
 
 
 class BadImage(Exception):
@@ -99,29 +109,104 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(src: Path, out: Path, name: str, items, skipped: list[dict], bar) -> dict:
-    """Write one shard under a temporary name, rename it when complete, return its manifest entry."""
+def _write_json(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name and rename it: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_plan(items: list[tuple[str, int]], split: str, shard_samples: int) -> list[tuple[str, list]]:
+    """(name, items) of every shard: a pure function of the ordered file list and shard_samples, so any
+    shard can be written, or rewritten, alone (by a worker process or a Slurm array task)."""
+    return [(f"{split}-{start // shard_samples:06d}.tar", items[start: start + shard_samples])
+            for start in range(0, len(items), shard_samples)]
+
+
+def _items_digest(items: list[tuple[str, int]]) -> str:
+    return hashlib.sha256("\n".join(f"{path}\t{label}" for path, label in items).encode()).hexdigest()
+
+
+def _record_path(out: Path, name: str) -> Path:
+    """Where a finished shard's record (manifest entry, skipped files, which files it holds) is kept."""
+    return out / PARTS / f"{name}.json"
+
+
+def finished_record(out: Path, name: str, items: list[tuple[str, int]]) -> dict | None:
+    """The record of a shard already written from exactly these files, else None (missing, partial, stale)."""
+    try:
+        record = json.loads(_record_path(out, name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if record.get("items_sha256") != _items_digest(items) or not (out / name).is_file():
+        return None
+    return record
+
+
+def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]]) -> dict:
+    """Write one shard under a temporary name, rename it when complete, then record it; returns the record.
+
+    Killed at any moment, this leaves either no record (the shard is rewritten by a rerun) or a complete
+    shard with its record. A full disk removes the partial file and says so.
+    """
     tmp = out / f".{name}.partial"
-    count = 0
-    # A fixed integer mtime: shards are byte-identical across conversions, and tarfile writes no PAX header
-    # for each member (webdataset's default float time.time() adds one, which doubles the cost of reading
-    # a member's header; its `format` argument never reaches tarfile).
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
-        for relpath, label in items:
-            try:
-                jpg = rgb_jpeg((src / relpath).read_bytes())
-            except (BadImage, OSError) as err:
-                skipped.append({"path": relpath, "reason": str(err)})
-            else:
+    skipped, count = [], 0
+    try:
+        # A fixed integer mtime: shards are byte-identical across conversions, and tarfile writes no PAX
+        # header for each member (webdataset's default float time.time() adds one, which doubles the cost
+        # of reading a member's header; its `format` argument never reaches tarfile).
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
+            for relpath, label in items:
+                try:
+                    jpg = rgb_jpeg((src / relpath).read_bytes())
+                except (BadImage, OSError) as err:
+                    skipped.append({"path": relpath, "reason": str(err)})
+                    continue
                 sink.write({"__key__": sample_key(relpath), "jpg": jpg, "cls": str(label).encode()})
                 count += 1
-            bar.update(1)
-    os.replace(tmp, out / name)
-    return {"name": name, "num_samples": count, "sha256": _sha256(out / name)}
+        os.replace(tmp, out / name)
+        record = {"entry": {"name": name, "num_samples": count, "sha256": _sha256(out / name)},
+                  "skipped": skipped, "items_sha256": _items_digest(items)}
+        _write_json(_record_path(out, name), record)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"{out}: the disk is full (writing {name}); free space and rerun the same "
+                                     "command: finished shards are kept") from None
+        raise
+    return record
 
 
-def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_samples: int, seed: int) -> dict:
-    """Convert one split and write its manifest; returns the manifest dict."""
+def _write_shard_job(job: tuple[Path, Path, str, list]) -> tuple[str, int]:
+    src, out, name, items = job
+    write_shard(src, out, name, items)
+    return name, len(items)
+
+
+def _check_same_source(out: Path, identity: dict, force: bool) -> None:
+    """Refuse to mix shards of different sources or settings in one folder (unless force)."""
+    path = out / PARTS / "conversion.json"
+    before = json.loads(path.read_text()) if path.is_file() else None
+    if before is None and (out / "train.json").is_file():  # shards written before records were kept
+        raw = json.loads((out / "train.json").read_text())
+        before = {**identity, "source": raw.get("source"), "shard_samples": raw.get("shard_samples"),
+                  "seed": raw.get("order_seed")}
+    if before is not None and not force:
+        if before != identity:
+            changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v)
+            raise ValueError(f"{out} holds shards of another conversion ({changed}); use another --out, or "
+                             "--force to replace them")
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    _write_json(path, identity)
+
+
+def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_samples: int, seed: int,
+                  workers: int = 1, task: tuple[int, int] = (0, 1)) -> dict | None:
+    """Convert one split: write the shards not already finished (`workers` processes), then the manifest.
+
+    With task=(i, n), write only the i-th of n contiguous ranges of shards and no manifest (a Slurm array
+    task); a later run without task finds them finished and writes the manifest. Returns the manifest.
+    """
     items = list_split(src, split, classes)
     keys = [sample_key(p) for p, _ in items]
     if len(set(keys)) != len(keys):
@@ -129,13 +214,29 @@ def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_sa
     if split == "train":
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
-    skipped: list[dict] = []
-    shards = []
+    plan = shard_plan(items, split, shard_samples)
+    index, tasks = task
+    mine = plan[index * len(plan) // tasks: (index + 1) * len(plan) // tasks]
+    todo = [(src, out, name, part) for name, part in mine if finished_record(out, name, part) is None]
     started = time.time()
-    with tqdm(total=len(items), desc=f"{split} shards", unit="img", file=sys.stderr) as bar:
-        for start in range(0, len(items), shard_samples):
-            name = f"{split}-{start // shard_samples:06d}.tar"
-            shards.append(_write_shard(src, out, name, items[start : start + shard_samples], skipped, bar))
+    done = sum(len(part) for name, part in mine) - sum(len(job[3]) for job in todo)
+    with tqdm(total=sum(len(part) for _, part in mine), initial=done, desc=f"{split} shards", unit="img",
+              file=sys.stderr) as bar:
+        if workers > 1 and len(todo) > 1:
+            # spawn: tqdm's monitor thread makes fork unsafe, and the workers need nothing of this process
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for _, count in pool.imap_unordered(_write_shard_job, todo):
+                    bar.update(count)
+        else:
+            for job in todo:
+                bar.update(_write_shard_job(job)[1])
+    if tasks > 1:
+        print(f"{split}: task {index} of {tasks}: {len(mine)} shards finished ({len(todo)} written now), "
+              f"{time.time() - started:.1f} s; run convert without --task-index to write the manifest",
+              file=sys.stderr)
+        return None
+    records = [finished_record(out, name, part) for name, part in plan]
+    shards = [r["entry"] for r in records]
     manifest = {
         "version": MANIFEST_VERSION,
         "split": split,
@@ -145,17 +246,13 @@ def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_sa
         "shard_samples": shard_samples,
         "order_seed": seed if split == "train" else None,
         "shards": shards,
-        "skipped": skipped,
+        "skipped": [skip for r in records for skip in r["skipped"]],
     }
-    tmp = out / f".{split}.json.partial"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / f"{split}.json")
+    _write_json(out / f"{split}.json", manifest)
     total_bytes = sum((out / s["name"]).stat().st_size for s in shards)
-    print(
-        f"{split}: {manifest['num_samples']} samples in {len(shards)} shards, {total_bytes / 1e6:.1f} MB, "
-        f"{len(skipped)} skipped, {time.time() - started:.1f} s",
-        file=sys.stderr,
-    )
+    print(f"{split}: {manifest['num_samples']} samples in {len(shards)} shards, {total_bytes / 1e6:.1f} MB, "
+          f"{len(manifest['skipped'])} skipped, {time.time() - started:.1f} s ({len(todo)} shards written now)",
+          file=sys.stderr)
     return manifest
 
 
@@ -168,17 +265,28 @@ def is_complete(out: Path, split: str) -> bool:
     return all(Path(url).is_file() for url in manifest.urls())
 
 
-def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False) -> None:
-    """Convert both splits of src into out, keeping splits whose shards are already complete."""
+def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False,
+            workers: int = 1, task: tuple[int, int] = (0, 1)) -> None:
+    """Convert both splits of src into out, resuming where an earlier run of the same conversion stopped."""
     if shard_samples < 1:
         raise ValueError(f"--shard-samples={shard_samples} must be at least 1")
+    if workers < 1:
+        raise ValueError(f"--workers={workers} must be at least 1")
+    if not 0 <= task[0] < task[1]:
+        raise ValueError(f"--task-index={task[0]} must be in 0..{task[1] - 1} (--num-tasks={task[1]})")
     classes = list_classes(src)
     out.mkdir(parents=True, exist_ok=True)
+    identity = {"version": MANIFEST_VERSION, "source": str(src.resolve()), "shard_samples": shard_samples,
+                "seed": seed}
+    _check_same_source(out, identity, force)
     for split in SPLITS:
-        if not force and is_complete(out, split):
+        if not force and task[1] == 1 and is_complete(out, split):
             print(f"{split}: {out / (split + '.json')} is complete, kept (--force rewrites)", file=sys.stderr)
             continue
-        convert_split(src, out, split, classes, shard_samples, seed)
+        if force:
+            for record in (out / PARTS).glob(f"{split}-*.json"):
+                record.unlink()
+        convert_split(src, out, split, classes, shard_samples, seed, workers, task)
 
 
 class BadShard(Exception):

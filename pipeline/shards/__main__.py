@@ -20,7 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES,
                       help=f"images per shard (default {DEFAULT_SHARD_SAMPLES}, ~110 MB on ImageNet)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the train file order (default 0)")
-    conv.add_argument("--force", action="store_true", help="rewrite splits whose shards are already complete")
+    conv.add_argument("--force", action="store_true",
+                      help="rewrite everything, even finished shards or shards of another conversion")
+    conv.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
+    conv.add_argument("--task-index", type=int, default=0,
+                      help="with --num-tasks: write only this task's range of shards and no manifest (array jobs)")
+    conv.add_argument("--num-tasks", type=int, default=1,
+                      help="tasks sharing the conversion; afterwards run convert once without them to write "
+                           "the manifests (default 1)")
     check = sub.add_parser("verify", help="recompute every shard's sha256 and sample count against the manifests",
                            description="Exit 0 when every shard of DIR matches train.json and val.json; exit 1 "
                                        "naming the first shard that does not (missing, changed bytes, wrong sample "
@@ -30,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
-            convert(args.src, args.out, args.shard_samples, args.seed, args.force)
+            convert(args.src, args.out, args.shard_samples, args.seed, args.force, args.workers,
+                    (args.task_index, args.num_tasks))
         else:
             verify(args.dir, args.deep)
     except BadShard as err:
