@@ -118,7 +118,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loader-bench-"))
     src = args.src or make_tree(args.photos, work / "images", args.images)
     (work / "shards").mkdir()
-    shards.convert_split(src, work / "shards", "train", shards.list_classes(src), shards.DEFAULT_SHARD_SAMPLES, 0)
+    classes = shards.list_classes(src)
+    shards.convert_split(src, work / "shards", "train", shards.list_split(src, "train", classes), classes,
+                         shards.DEFAULT_SHARD_SAMPLES, seed=0)
     manifest = load_manifest(work / "shards", "train")
     files = sorted((src / "train").rglob("*.JPEG"))
     blobs = [f.read_bytes() for f in files]

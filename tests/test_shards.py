@@ -7,7 +7,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
+import matplotlib.cbook
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -199,3 +201,58 @@ def test_a_full_disk_stops_without_a_half_written_shard(image_tree, tmp_path):
         assert records and records == {p.name for p in (disk / "out").glob("train-*.tar")}
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def flat_val_tree(image_tree, root):
+    """train/ linked from image_tree, val/ flattened into one folder, and the class of each val file."""
+    (root / "val").mkdir(parents=True)
+    (root / "train").symlink_to(image_tree / "train")
+    labels = {}
+    for f in sorted((image_tree / "val").rglob("*.JPEG")):
+        shutil.copy(f, root / "val" / f.name)
+        labels[f.name] = f.parent.name
+    return labels
+
+
+def test_flat_val_with_the_devkits_csv_or_a_two_column_list(image_tree, shard_dir, tmp_path):
+    labels = flat_val_tree(image_tree, tmp_path / "src")
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"{Path(name).stem},{cls} 1 2 30 40 {cls} 5 6 7 8\n" for name, cls in reversed(labels.items())))
+    listing = tmp_path / "val labels.txt"
+    listing.write_text("".join(f"{name} {cls}\n" for name, cls in labels.items()))
+    want = sorted((label, jpg) for _, label, jpg in read_all(load_manifest(shard_dir, "val")))
+    for i, labels_file in enumerate((csv, listing)):
+        out = tmp_path / f"out{i}"
+        shards.convert(tmp_path / "src", out, shard_samples=25, val_labels=labels_file)
+        assert sorted((label, jpg) for _, label, jpg in read_all(load_manifest(out, "val"))) == want
+
+
+def test_flat_val_label_errors_name_the_file(image_tree, tmp_path, capsys):
+    labels = flat_val_tree(image_tree, tmp_path / "src")
+    first, *rest = labels.items()
+    listing = tmp_path / "labels.txt"
+    listing.write_text("".join(f"{name} {cls}\n" for name, cls in rest))
+    args = ["convert", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--val-labels", str(listing)]
+    assert shards_main(args) == 2
+    assert f"{first[0]}: no label in {listing}" in capsys.readouterr().err
+    listing.write_text("".join(f"{name} n99999999\n" for name, _ in labels.items()))
+    assert shards_main(args) == 2
+    assert "has class 'n99999999', which is not a class folder" in capsys.readouterr().err
+    assert shards_main(args[:-2]) == 2
+    assert "a flat val/ needs --val-labels FILE" in capsys.readouterr().err
+
+
+def test_max_side_reencodes_only_larger_images(tmp_path):
+    root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
+    photo = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    shutil.copy(photo, root / "train" / "00_tshirt_top" / "big.JPEG")
+    shards.convert(root, tmp_path / "out", shard_samples=4, max_side=100)
+    manifest = load_manifest(tmp_path / "out", "train")
+    raw = json.loads(manifest.path.read_text())
+    assert raw["mode"] == "max_side=100"
+    samples = {key: jpg for key, _, jpg in read_all(manifest)}
+    big = Image.open(io.BytesIO(samples.pop("train_00_tshirt_top_big")))
+    assert big.size == (85, 100)  # 512x600 scaled to a longer side of 100, aspect kept
+    files = {shards.sample_key(str(p.relative_to(root))): p.read_bytes() for p in (root / "train").rglob("*.JPEG")}
+    assert all(jpg == files[key] for key, jpg in samples.items())  # 28 px images copied untouched

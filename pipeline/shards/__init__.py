@@ -58,12 +58,47 @@ def list_classes(src: Path) -> list[str]:
     return classes
 
 
-def list_split(src: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
-    """(path relative to src, label) for every file of a split, sorted by path."""
+def read_val_labels(path: Path) -> dict[str, str]:
+    """File stem -> class name from the devkit's LOC_val_solution.csv or a two-column `file class` list."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--val-labels {path}: no such file")
+    labels = {}
+    lines = path.read_text().splitlines()
+    csv = bool(lines) and lines[0].startswith("ImageId,")
+    for number, line in enumerate(lines[1:] if csv else lines, start=2 if csv else 1):
+        if not line.strip():
+            continue
+        fields = line.replace(",", " ").split() if csv else line.split()
+        if len(fields) < 2:
+            raise ValueError(f"{path}:{number}: {line!r} is not `file class` (or the devkit's ImageId,PredictionString)")
+        labels[Path(fields[0]).stem] = fields[1]
+    return labels
+
+
+def list_split(src: Path, split: str, classes: list[str], val_labels: Path | None = None) -> list[tuple[str, int]]:
+    """(path relative to src, label) for every file of a split, sorted by path.
+
+    Class folders, or for val with val_labels a flat folder whose labels come from that file.
+    """
     root = src / split
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; --src must hold train/<class>/* and val/<class>/*")
     index = {c: i for i, c in enumerate(classes)}
+    if split == "val" and val_labels is not None:
+        labels = read_val_labels(val_labels)
+        items = []
+        for f in sorted(p for p in root.iterdir() if p.is_file()):
+            name = labels.get(f.stem)
+            if name is None:
+                raise ValueError(f"{f}: no label in {val_labels}; add a line `{f.name} <class>` or remove the file")
+            if name not in index:
+                raise ValueError(f"{val_labels}: {f.name} has class {name!r}, which is not a class folder of "
+                                 f"{src / 'train'} (numeric labels of the devkit's ground truth use another order: "
+                                 "use LOC_val_solution.csv or a `file wnid` list)")
+            items.append((str(f.relative_to(src)), index[name]))
+        if not items:
+            raise ValueError(f"{root} holds no files next to --val-labels {val_labels} (class folders need no labels)")
+        return items
     items = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if folder.name not in index:
@@ -72,6 +107,8 @@ def list_split(src: Path, split: str, classes: list[str]) -> list[tuple[str, int
         if not files:
             raise ValueError(f"{folder} is an empty class folder; remove it or add its images")
         items += [(str(f.relative_to(src)), index[folder.name]) for f in files]
+    if not items:
+        raise ValueError(f"{root} holds no class folders" + ("; a flat val/ needs --val-labels FILE" if split == "val" else ""))
     return items
 
 
@@ -80,8 +117,9 @@ def sample_key(relpath: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(Path(relpath).with_suffix("")))
 
 
-def rgb_jpeg(data: bytes) -> bytes:
-    """The bytes unchanged if they are an RGB JPEG needing no rotation; else re-encoded as RGB JPEG.
+def rgb_jpeg(data: bytes, max_side: int | None = None) -> bytes:
+    """The bytes unchanged if they are an RGB JPEG needing no rotation (nor, with max_side, shrinking);
+    else re-encoded as RGB JPEG, rotated upright and with its longer side at most max_side.
 
     Raises BadImage for empty, truncated, undecodable or non-image data.
     """
@@ -91,11 +129,14 @@ def rgb_jpeg(data: bytes) -> bytes:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: truncated files fail here, not in the loader
             rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1
-            if image.format == "JPEG" and image.mode == "RGB" and not rotated:
+            too_big = max_side is not None and max(image.size) > max_side
+            if image.format == "JPEG" and image.mode == "RGB" and not rotated and not too_big:
                 return data
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"not a decodable image: {err}") from None
+    if too_big:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=REENCODE_QUALITY)
     return out.getvalue()
@@ -143,7 +184,7 @@ def finished_record(out: Path, name: str, items: list[tuple[str, int]]) -> dict 
     return record
 
 
-def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]]) -> dict:
+def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]], max_side: int | None = None) -> dict:
     """Write one shard under a temporary name, rename it when complete, then record it; returns the record.
 
     Killed at any moment, this leaves either no record (the shard is rewritten by a rerun) or a complete
@@ -158,7 +199,7 @@ def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]]) -
         with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
             for relpath, label in items:
                 try:
-                    jpg = rgb_jpeg((src / relpath).read_bytes())
+                    jpg = rgb_jpeg((src / relpath).read_bytes(), max_side)
                 except (BadImage, OSError) as err:
                     skipped.append({"path": relpath, "reason": str(err)})
                     continue
@@ -177,9 +218,9 @@ def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]]) -
     return record
 
 
-def _write_shard_job(job: tuple[Path, Path, str, list]) -> tuple[str, int]:
-    src, out, name, items = job
-    write_shard(src, out, name, items)
+def _write_shard_job(job: tuple[Path, Path, str, list, int | None]) -> tuple[str, int]:
+    src, out, name, items, max_side = job
+    write_shard(src, out, name, items, max_side)
     return name, len(items)
 
 
@@ -190,7 +231,7 @@ def _check_same_source(out: Path, identity: dict, force: bool) -> None:
     if before is None and (out / "train.json").is_file():  # shards written before records were kept
         raw = json.loads((out / "train.json").read_text())
         before = {**identity, "source": raw.get("source"), "shard_samples": raw.get("shard_samples"),
-                  "seed": raw.get("order_seed")}
+                  "seed": raw.get("order_seed"), "max_side": None}
     if before is not None and not force:
         if before != identity:
             changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v)
@@ -200,24 +241,22 @@ def _check_same_source(out: Path, identity: dict, force: bool) -> None:
     _write_json(path, identity)
 
 
-def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_samples: int, seed: int,
-                  workers: int = 1, task: tuple[int, int] = (0, 1)) -> dict | None:
+def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]], classes: list[str],
+                  shard_samples: int, seed: int, workers: int = 1, task: tuple[int, int] = (0, 1),
+                  max_side: int | None = None) -> dict | None:
     """Convert one split: write the shards not already finished (`workers` processes), then the manifest.
 
     With task=(i, n), write only the i-th of n contiguous ranges of shards and no manifest (a Slurm array
     task); a later run without task finds them finished and writes the manifest. Returns the manifest.
     """
-    items = list_split(src, split, classes)
-    keys = [sample_key(p) for p, _ in items]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{src / split}: two files map to the same sample key; rename one of them")
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
     if split == "train":
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
     plan = shard_plan(items, split, shard_samples)
     index, tasks = task
     mine = plan[index * len(plan) // tasks: (index + 1) * len(plan) // tasks]
-    todo = [(src, out, name, part) for name, part in mine if finished_record(out, name, part) is None]
+    todo = [(src, out, name, part, max_side) for name, part in mine if finished_record(out, name, part) is None]
     started = time.time()
     done = sum(len(part) for name, part in mine) - sum(len(job[3]) for job in todo)
     with tqdm(total=sum(len(part) for _, part in mine), initial=done, desc=f"{split} shards", unit="img",
@@ -245,6 +284,7 @@ def convert_split(src: Path, out: Path, split: str, classes: list[str], shard_sa
         "classes": classes,
         "shard_samples": shard_samples,
         "order_seed": seed if split == "train" else None,
+        "mode": "copy" if max_side is None else f"max_side={max_side}",
         "shards": shards,
         "skipped": [skip for r in records for skip in r["skipped"]],
     }
@@ -266,8 +306,15 @@ def is_complete(out: Path, split: str) -> bool:
 
 
 def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False,
-            workers: int = 1, task: tuple[int, int] = (0, 1)) -> None:
-    """Convert both splits of src into out, resuming where an earlier run of the same conversion stopped."""
+            workers: int = 1, task: tuple[int, int] = (0, 1), val_labels: Path | None = None,
+            max_side: int | None = None) -> None:
+    """Convert both splits of src into out, resuming where an earlier run of the same conversion stopped.
+
+    Mode "copy" keeps RGB JPEG bytes as they are; with max_side, every image whose longer side exceeds it
+    is re-encoded smaller (smaller shards that decode faster).
+    """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"--max-side={max_side} must be at least 1 px")
     if shard_samples < 1:
         raise ValueError(f"--shard-samples={shard_samples} must be at least 1")
     if workers < 1:
@@ -275,9 +322,14 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
     if not 0 <= task[0] < task[1]:
         raise ValueError(f"--task-index={task[0]} must be in 0..{task[1] - 1} (--num-tasks={task[1]})")
     classes = list_classes(src)
+    listed = {split: list_split(src, split, classes, val_labels) for split in SPLITS}  # every input error first
+    for split, items in listed.items():
+        keys = [sample_key(p) for p, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{src / split}: two files map to the same sample key; rename one of them")
     out.mkdir(parents=True, exist_ok=True)
     identity = {"version": MANIFEST_VERSION, "source": str(src.resolve()), "shard_samples": shard_samples,
-                "seed": seed}
+                "seed": seed, "val_labels": str(val_labels.resolve()) if val_labels else None, "max_side": max_side}
     _check_same_source(out, identity, force)
     for split in SPLITS:
         if not force and task[1] == 1 and is_complete(out, split):
@@ -286,7 +338,7 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
         if force:
             for record in (out / PARTS).glob(f"{split}-*.json"):
                 record.unlink()
-        convert_split(src, out, split, classes, shard_samples, seed, workers, task)
+        convert_split(src, out, split, listed[split], classes, shard_samples, seed, workers, task, max_side)
 
 
 class BadShard(Exception):

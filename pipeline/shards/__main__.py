@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--seed", type=int, default=0, help="seed of the train file order (default 0)")
     conv.add_argument("--force", action="store_true",
                       help="rewrite everything, even finished shards or shards of another conversion")
+    conv.add_argument("--val-labels", type=Path,
+                      help="labels of a flat val/ folder: the devkit's LOC_val_solution.csv or `file class` lines")
+    conv.add_argument("--max-side", type=int,
+                      help="re-encode every image whose longer side exceeds this many px (default: copy JPEGs as they are)")
     conv.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel (default 1)")
     conv.add_argument("--task-index", type=int, default=0,
                       help="with --num-tasks: write only this task's range of shards and no manifest (array jobs)")
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             convert(args.src, args.out, args.shard_samples, args.seed, args.force, args.workers,
-                    (args.task_index, args.num_tasks))
+                    (args.task_index, args.num_tasks), args.val_labels, args.max_side)
         else:
             verify(args.dir, args.deep)
     except BadShard as err:
