@@ -26,7 +26,6 @@ import dataclasses
 import io
 import json
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -42,38 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline import data, shards
 from pipeline.config import DataConfig
 from pipeline.manifest import load_manifest
-
-DEFAULT_PHOTOS = Path("/usr/share/backgrounds/mate/nature")
-CLASSES = 10
-
-
-def make_tree(photos: Path, root: Path, count: int, seed: int = 0) -> Path:
-    """root/train/<class>/*.JPEG: `count` ImageNet-sized JPEGs cut from the real photos in `photos`."""
-    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not sources:
-        raise SystemExit(f"no JPEG photos in {photos}: apt-get install mate-backgrounds, or pass --src with "
-                         "an ImageFolder tree of your own JPEGs (e.g. a slice of ImageNet train)")
-    rng = random.Random(seed)
-    images = [Image.open(p).convert("RGB") for p in sources]
-    for i in range(count):
-        photo = images[i % len(images)]
-        if rng.random() < 0.1:  # ImageNet has a tail of large images
-            long_side = rng.randint(800, 1600)
-        else:
-            long_side = 500
-        short_side = int(long_side * rng.uniform(0.66, 0.75))
-        w, h = (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
-        scale = rng.uniform(0.4, 1.0)
-        cw, ch = int(photo.width * scale), int(photo.width * scale * h / w)
-        if ch > photo.height:
-            cw, ch = int(photo.height * w / h), photo.height
-        x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
-        out = root / "train" / f"class{i % CLASSES}"
-        out.mkdir(parents=True, exist_ok=True)
-        photo.resize((w, h), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch)).save(
-            out / f"img{i:05d}.JPEG", quality=90)
-    return root
-
+from photos import DEFAULT_PHOTOS, make_tree  # benchmarks/photos.py, next to this script
 
 def bare_pil(blobs: list[bytes]) -> None:
     for blob in blobs:

@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -256,3 +257,21 @@ def test_max_side_reencodes_only_larger_images(tmp_path):
     assert big.size == (85, 100)  # 512x600 scaled to a longer side of 100, aspect kept
     files = {shards.sample_key(str(p.relative_to(root))): p.read_bytes() for p in (root / "train").rglob("*.JPEG")}
     assert all(jpg == files[key] for key, jpg in samples.items())  # 28 px images copied untouched
+
+
+def test_the_array_job_script_converts_in_tasks_then_merges(image_tree, shard_dir, tmp_path):
+    """slurm/shards.sbatch run as Slurm would: three array tasks (ids 1-3), then once without an array."""
+    script = Path(__file__).resolve().parent.parent / "slurm" / "shards.sbatch"
+    out = tmp_path / "out dir"
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_CPUS_PER_TASK": "2"}
+    for task_id in (1, 2, 3):
+        array = {"SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+        done = subprocess.run(["bash", str(script), str(image_tree), str(out), "--shard-samples", "25"],
+                              env={**env, **array}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert f"task {task_id - 1} of 3" in done.stderr and not (out / "train.json").exists()
+    merged = subprocess.run(["bash", str(script), str(image_tree), str(out), "--shard-samples", "25"], env=env,
+                            capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    assert "(0 shards written now)" in merged.stderr
+    assert manifests(out) == manifests(shard_dir)

@@ -1,0 +1,46 @@
+"""ImageNet-sized JPEGs cut from real photos, for the benchmarks (never for the tests).
+
+Without a slice of ImageNet at hand, Debian's mate-backgrounds (`apt-get install mate-backgrounds`) gives
+real photographs; random crops of them, resized to ImageNet's sizes (most 500x375 or 375x500, a tenth up
+to 1600 px) and saved as JPEG quality 90, stand in for ImageNet's files.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_PHOTOS = Path("/usr/share/backgrounds/mate/nature")
+CLASSES = 10
+
+
+def make_tree(photos: Path, root: Path, count: int, val_count: int = 0, seed: int = 0) -> Path:
+    """root/train/<class>/*.JPEG (`count` of them) and root/val/<class>/*.JPEG (`val_count`): ImageNet-sized
+    JPEGs cut from the real photos in `photos`."""
+    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not sources:
+        raise SystemExit(f"no JPEG photos in {photos}: apt-get install mate-backgrounds, or pass --src with "
+                         "an ImageFolder tree of your own JPEGs (e.g. a slice of ImageNet train)")
+    rng = random.Random(seed)
+    images = [Image.open(p).convert("RGB") for p in sources]
+    for i in range(count + val_count):
+        split = "train" if i < count else "val"
+        photo = images[i % len(images)]
+        if rng.random() < 0.1:  # ImageNet has a tail of large images
+            long_side = rng.randint(800, 1600)
+        else:
+            long_side = 500
+        short_side = int(long_side * rng.uniform(0.66, 0.75))
+        w, h = (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
+        scale = rng.uniform(0.4, 1.0)
+        cw, ch = int(photo.width * scale), int(photo.width * scale * h / w)
+        if ch > photo.height:
+            cw, ch = int(photo.height * w / h), photo.height
+        x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
+        out = root / split / f"class{i % CLASSES}"
+        out.mkdir(parents=True, exist_ok=True)
+        photo.resize((w, h), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch)).save(
+            out / f"img{i:05d}.JPEG", quality=90)
+    return root

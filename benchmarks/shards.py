@@ -1,0 +1,90 @@
+"""Shard conversion benchmark: copy-mode conversion against `tar` writing the same files, in the same run.
+
+    python benchmarks/shards.py [--src TREE | --photos DIR] [--images 10000] [--rounds 3] [--out FILE]
+
+Both read the same ImageNet-style tree from the page cache (a first untimed pass warms it) and write into
+the same folder. `tar cf` only copies bytes; the converter also checks that every image decodes fully
+(at 1/8 scale, which still reads every coefficient), names its samples and hashes every shard. Reported:
+images/s and MB/s of each, conversion / tar, and the speed-up of --workers 2 over one process (which
+includes starting the worker processes, ~1.2 s each to import torch through webdataset: use enough
+images). Median of --rounds, interleaved. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline import shards
+from photos import DEFAULT_PHOTOS, make_tree  # benchmarks/photos.py, next to this script
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):  # the converter's progress bar and summary
+        run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, help="an ImageNet-style tree ROOT/{train,val}/<class>/* to measure on")
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="real photos to cut images from")
+    parser.add_argument("--images", type=int, default=10000, help="images to make when --src is not given")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shard-samples", type=int, default=250,
+                        help="images per shard (default 250: enough shards to keep 2 workers busy)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/shards.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="shards-bench-"))
+    src = args.src or make_tree(args.photos, work / "images", args.images, val_count=args.images // 10)
+    files = [p for p in src.rglob("*") if p.is_file()]
+    count, size = len(files), sum(p.stat().st_size for p in files)
+
+    def convert(workers: int) -> None:
+        shutil.rmtree(work / "out", ignore_errors=True)
+        shards.convert(src, work / "out", shard_samples=args.shard_samples, workers=workers)
+
+    def tar() -> None:
+        subprocess.run(["tar", "cf", str(work / "out.tar"), "-C", str(src), "."], check=True)
+
+    runs = {"tar": tar, "convert_1_worker": lambda: convert(1), "convert_2_workers": lambda: convert(2)}
+    timed(tar)  # warm the page cache
+    seconds = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    result = {
+        "images": count,
+        "mb": size / 1e6,
+        "cpu_count": os.cpu_count(),
+        "rounds": args.rounds,
+        "seconds_runs": seconds,
+        "img_s": {name: count / s for name, s in median.items()},
+        "mb_s": {name: size / 1e6 / s for name, s in median.items()},
+        "convert_vs_tar": median["tar"] / median["convert_1_worker"],
+        "workers_2_speedup": median["convert_1_worker"] / median["convert_2_workers"],
+    }
+    print(f"\n{count} images, {size / 1e6:.0f} MB (median of {args.rounds} rounds):")
+    for name in runs:
+        print(f"  {name:20s} {result['img_s'][name]:8.0f} img/s {result['mb_s'][name]:8.1f} MB/s")
+    print(f"conversion / tar = {result['convert_vs_tar']:.3f} (goal >= 0.9); "
+          f"--workers 2 speed-up = {result['workers_2_speedup']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
