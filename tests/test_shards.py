@@ -85,11 +85,31 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
             assert (image.format, image.mode) == ("JPEG", "RGB")
 
 
-def test_rerun_keeps_complete_splits(image_tree, shard_dir, capsys):
+def test_rerun_keeps_finished_shards(image_tree, shard_dir, capsys):
     before = (shard_dir / "train.json").read_text()
     shards.convert(image_tree, shard_dir, shard_samples=25)
-    assert "is complete, kept" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("(0 shards written now)") == 2
     assert (shard_dir / "train.json").read_text() == before
+
+
+def test_a_rerun_converts_files_added_since(tmp_path):
+    root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
+    shards.convert(root, tmp_path / "out", shard_samples=4)
+    shutil.copy(next((root / "train" / "01_trouser").iterdir()), root / "train" / "01_trouser" / "added.JPEG")
+    shards.convert(root, tmp_path / "out", shard_samples=4)
+    shards.convert(root, tmp_path / "fresh", shard_samples=4)
+    assert manifests(tmp_path / "out") == manifests(tmp_path / "fresh")
+    assert load_manifest(tmp_path / "out", "train").num_samples == 21
+
+
+def test_force_with_new_settings_keeps_nothing_of_the_old_conversion(tmp_path):
+    root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
+    shards.convert(root, tmp_path / "out", shard_samples=4)
+    shards.convert(root, tmp_path / "out", shard_samples=4, max_side=16, force=True)
+    for split in ("train", "val"):
+        manifest = load_manifest(tmp_path / "out", split)
+        assert json.loads(manifest.path.read_text())["mode"] == "max_side=16"
+        assert all(max(Image.open(io.BytesIO(jpg)).size) == 16 for _, _, jpg in read_all(manifest))
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
@@ -260,16 +280,17 @@ def test_max_side_reencodes_only_larger_images(tmp_path):
 
 
 def test_the_array_job_script_converts_in_tasks_then_merges(image_tree, shard_dir, tmp_path):
-    """slurm/shards.sbatch run as Slurm would: three array tasks (ids 1-3), then once without an array."""
+    """slurm/shards.sbatch run as Slurm would: three array tasks (ids 1, 3, 5), then once without an array."""
     script = Path(__file__).resolve().parent.parent / "slurm" / "shards.sbatch"
     out = tmp_path / "out dir"
     env = {**os.environ, "PYTHON": sys.executable, "SLURM_CPUS_PER_TASK": "2"}
-    for task_id in (1, 2, 3):
-        array = {"SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    for task_id in (1, 3, 5):  # --array=1-5:2
+        array = {"SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2",
+                 "SLURM_ARRAY_TASK_COUNT": "3"}
         done = subprocess.run(["bash", str(script), str(image_tree), str(out), "--shard-samples", "25"],
                               env={**env, **array}, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        assert f"task {task_id - 1} of 3" in done.stderr and not (out / "train.json").exists()
+        assert f"task {(task_id - 1) // 2} of 3" in done.stderr and not (out / "train.json").exists()
     merged = subprocess.run(["bash", str(script), str(image_tree), str(out), "--shard-samples", "25"], env=env,
                             capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr

@@ -27,6 +27,7 @@ import multiprocessing.pool
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ DEFAULT_SHARD_SAMPLES = 1000  # ~110 MB shards on ImageNet
 EXIF_ORIENTATION = 0x0112
 REENCODE_QUALITY = 95
 PARTS = ".parts"  # DIR/.parts/: a record per finished shard, and what conversion the folder belongs to
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BadImage(Exception):
@@ -70,10 +72,13 @@ def read_val_labels(path: Path) -> dict[str, str]:
     for number, line in enumerate(lines[1:] if csv else lines, start=2 if csv else 1):
         if not line.strip():
             continue
-        fields = line.replace(",", " ").split() if csv else line.split()
+        fields = line.replace(",", " ").split() if csv else line.rsplit(maxsplit=1)  # file names may hold spaces
         if len(fields) < 2:
             raise ValueError(f"{path}:{number}: {line!r} is not `file class` (or the devkit's ImageId,PredictionString)")
-        labels[Path(fields[0]).stem] = fields[1]
+        stem = Path(fields[0].strip()).stem
+        if labels.get(stem, fields[1]) != fields[1]:
+            raise ValueError(f"{path}:{number}: {fields[0]} is labelled {labels[stem]!r} earlier and {fields[1]!r} here")
+        labels[stem] = fields[1]
     return labels
 
 
@@ -140,8 +145,8 @@ def rgb_jpeg(data: bytes, max_side: int | None = None) -> bytes:
                 return data
             image.load()
             rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImage(f"not a decodable image: {err}") from None
+    except Exception as err:  # PIL raises many types on odd files (struct.error, IndexError on bad EXIF...)
+        raise BadImage(f"not a decodable image: {type(err).__name__}: {err}") from None
     if too_big:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
     out = io.BytesIO()
@@ -158,9 +163,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name and rename it: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    """Write JSON under a temporary name of its own and rename it: readers (and concurrent array tasks)
+    see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -180,77 +187,91 @@ def _record_path(out: Path, name: str) -> Path:
     return out / PARTS / f"{name}.json"
 
 
-def finished_record(out: Path, name: str, items: list[tuple[str, int]]) -> dict | None:
-    """The record of a shard already written from exactly these files, else None (missing, partial, stale)."""
+def finished_record(out: Path, name: str, items: list[tuple[str, int]], settings: dict) -> dict | None:
+    """The record of a shard already written from exactly these files with these settings, and still the
+    same size on disk; else None (missing, partial, stale)."""
     try:
         record = json.loads(_record_path(out, name).read_text())
+        size = (out / name).stat().st_size
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("items_sha256") != _items_digest(items) or not (out / name).is_file():
+    if record.get("items_sha256") != _items_digest(items) or record.get("settings") != settings \
+            or record.get("bytes") != size:
         return None
     return record
 
 
-def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]], max_side: int | None = None) -> dict:
+def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]], settings: dict) -> dict:
     """Write one shard under a temporary name, rename it when complete, then record it; returns the record.
 
     Killed at any moment, this leaves either no record (the shard is rewritten by a rerun) or a complete
-    shard with its record. A full disk removes the partial file and says so.
+    shard with its record: the old record goes before the old shard is replaced. A full disk removes the
+    partial file and says so.
     """
     tmp = out / f".{name}.partial"
     skipped, count = [], 0
     try:
+        _record_path(out, name).unlink(missing_ok=True)
         # A fixed integer mtime: shards are byte-identical across conversions, and tarfile writes no PAX
         # header for each member (webdataset's default float time.time() adds one, which doubles the cost
         # of reading a member's header; its `format` argument never reaches tarfile).
         with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
             for relpath, label in items:
                 try:
-                    jpg = rgb_jpeg((src / relpath).read_bytes(), max_side)
+                    jpg = rgb_jpeg((src / relpath).read_bytes(), settings["max_side"])
                 except (BadImage, OSError) as err:
+                    if isinstance(err, OSError) and err.errno in DISK_FULL:
+                        raise
                     skipped.append({"path": relpath, "reason": str(err)})
                     continue
                 sink.write({"__key__": sample_key(relpath), "jpg": jpg, "cls": str(label).encode()})
                 count += 1
         os.replace(tmp, out / name)
         record = {"entry": {"name": name, "num_samples": count, "sha256": _sha256(out / name)},
-                  "skipped": skipped, "items_sha256": _items_digest(items)}
+                  "skipped": skipped, "items_sha256": _items_digest(items), "settings": settings,
+                  "bytes": (out / name).stat().st_size}
         _write_json(_record_path(out, name), record)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"{out}: the disk is full (writing {name}); free space and rerun the same "
-                                     "command: finished shards are kept") from None
+        if err.errno in DISK_FULL:
+            raise OSError(err.errno, f"{out}: the disk is full or over quota (writing {name}); free space and "
+                                     "rerun the same command: finished shards are kept") from None
         raise
     return record
 
 
-def _write_shard_job(job: tuple[Path, Path, str, list, int | None]) -> tuple[str, int]:
-    src, out, name, items, max_side = job
-    write_shard(src, out, name, items, max_side)
+def _write_shard_job(job: tuple[Path, Path, str, list, dict]) -> tuple[str, int]:
+    src, out, name, items, settings = job
+    write_shard(src, out, name, items, settings)
     return name, len(items)
 
 
-def _check_same_source(out: Path, identity: dict, force: bool) -> None:
-    """Refuse to mix shards of different sources or settings in one folder (unless force)."""
-    path = out / PARTS / "conversion.json"
+def _check_same_source(out: Path, settings: dict, force: bool) -> None:
+    """Refuse to mix shards of different sources or settings in one folder; with force, forget the old
+    conversion (records and manifests) before anything new is written."""
+    parts = out / PARTS
+    path = parts / "conversion.json"
+    if force:
+        for old in [*parts.glob("*.json"), *(out / f"{split}.json" for split in SPLITS)]:
+            old.unlink(missing_ok=True)
     before = json.loads(path.read_text()) if path.is_file() else None
     if before is None and (out / "train.json").is_file():  # shards written before records were kept
         raw = json.loads((out / "train.json").read_text())
-        before = {**identity, "source": raw.get("source"), "shard_samples": raw.get("shard_samples"),
+        before = {**settings, "source": raw.get("source"), "shard_samples": raw.get("shard_samples"),
                   "seed": raw.get("order_seed"), "max_side": None}
-    if before is not None and not force:
-        if before != identity:
-            changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v)
-            raise ValueError(f"{out} holds shards of another conversion ({changed}); use another --out, or "
-                             "--force to replace them")
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
-    _write_json(path, identity)
+    started = any(parts.glob("*.tar.json")) or any((out / f"{split}.json").is_file() for split in SPLITS)
+    if before is not None and before != settings and started:
+        changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v)
+        raise ValueError(f"{out} holds shards of another conversion ({changed}); use another --out, or "
+                         "--force to replace them")
+    parts.mkdir(parents=True, exist_ok=True)
+    if before != settings:  # array tasks that agree leave the file alone
+        _write_json(path, settings)
 
 
 def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]], classes: list[str],
-                  shard_samples: int, seed: int, pool: multiprocessing.pool.Pool | None = None,
-                  task: tuple[int, int] = (0, 1), max_side: int | None = None) -> dict | None:
+                  settings: dict, pool: multiprocessing.pool.Pool | None = None,
+                  task: tuple[int, int] = (0, 1)) -> dict | None:
     """Convert one split: write the shards not already finished (in `pool` when given), then the manifest.
 
     With task=(i, n), write only the i-th of n contiguous ranges of shards and no manifest (a Slurm array
@@ -258,19 +279,26 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
     """
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     if split == "train":
-        order = np.random.default_rng(seed).permutation(len(items))
+        order = np.random.default_rng(settings["seed"]).permutation(len(items))
         items = [items[i] for i in order]
-    plan = shard_plan(items, split, shard_samples)
+    plan = shard_plan(items, split, settings["shard_samples"])
     index, tasks = task
     mine = plan[index * len(plan) // tasks: (index + 1) * len(plan) // tasks]
-    todo = [(src, out, name, part, max_side) for name, part in mine if finished_record(out, name, part) is None]
+    todo = [(src, out, name, part, settings) for name, part in mine
+            if finished_record(out, name, part, settings) is None]
     started = time.time()
     done = sum(len(part) for name, part in mine) - sum(len(job[3]) for job in todo)
     with tqdm(total=sum(len(part) for _, part in mine), initial=done, desc=f"{split} shards", unit="img",
               file=sys.stderr) as bar:
         if pool is not None and len(todo) > 1:
-            for _, count in pool.imap_unordered(_write_shard_job, todo):
-                bar.update(count)
+            try:
+                for _, count in pool.imap_unordered(_write_shard_job, todo):
+                    bar.update(count)
+            except BaseException:
+                pool.terminate()  # the other workers stop mid-shard: their partial files go too
+                for job in todo:
+                    (out / f".{job[2]}.partial").unlink(missing_ok=True)
+                raise
         else:
             for job in todo:
                 bar.update(_write_shard_job(job)[1])
@@ -279,17 +307,17 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
               f"{time.time() - started:.1f} s; run convert without --task-index to write the manifest",
               file=sys.stderr)
         return None
-    records = [finished_record(out, name, part) for name, part in plan]
+    records = [finished_record(out, name, part, settings) for name, part in plan]
     shards = [r["entry"] for r in records]
     manifest = {
         "version": MANIFEST_VERSION,
         "split": split,
-        "source": str(src.resolve()),
+        "source": settings["source"],
         "num_samples": sum(s["num_samples"] for s in shards),
         "classes": classes,
-        "shard_samples": shard_samples,
-        "order_seed": seed if split == "train" else None,
-        "mode": "copy" if max_side is None else f"max_side={max_side}",
+        "shard_samples": settings["shard_samples"],
+        "order_seed": settings["seed"] if split == "train" else None,
+        "mode": "copy" if settings["max_side"] is None else f"max_side={settings['max_side']}",
         "shards": shards,
         "skipped": [skip for r in records for skip in r["skipped"]],
     }
@@ -301,22 +329,14 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
     return manifest
 
 
-def is_complete(out: Path, split: str) -> bool:
-    """True when DIR/<split>.json exists and every shard it lists is on disk."""
-    try:
-        manifest = load_manifest(out, split)
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
-        return False
-    return all(Path(url).is_file() for url in manifest.urls())
-
-
 def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False,
             workers: int = 1, task: tuple[int, int] = (0, 1), val_labels: Path | None = None,
             max_side: int | None = None) -> None:
     """Convert both splits of src into out, resuming where an earlier run of the same conversion stopped.
 
     Mode "copy" keeps RGB JPEG bytes as they are; with max_side, every image whose longer side exceeds it
-    is re-encoded smaller (smaller shards that decode faster).
+    is re-encoded smaller (smaller shards that decode faster). Every run checks each shard's record
+    against the current file list and settings, so files added to the source since are converted too.
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"--max-side={max_side} must be at least 1 px")
@@ -326,6 +346,9 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
         raise ValueError(f"--workers={workers} must be at least 1")
     if not 0 <= task[0] < task[1]:
         raise ValueError(f"--task-index={task[0]} must be in 0..{task[1] - 1} (--num-tasks={task[1]})")
+    if force and task[1] > 1:
+        raise ValueError("--force with --num-tasks would let each task delete the others' shards; run one "
+                         "plain convert --force, or start from an empty --out")
     classes = list_classes(src)
     listed = {split: list_split(src, split, classes, val_labels) for split in SPLITS}  # every input error first
     for split, items in listed.items():
@@ -333,20 +356,14 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
         if len(set(keys)) != len(keys):
             raise ValueError(f"{src / split}: two files map to the same sample key; rename one of them")
     out.mkdir(parents=True, exist_ok=True)
-    identity = {"version": MANIFEST_VERSION, "source": str(src.resolve()), "shard_samples": shard_samples,
+    settings = {"version": MANIFEST_VERSION, "source": str(src.resolve()), "shard_samples": shard_samples,
                 "seed": seed, "val_labels": str(val_labels.resolve()) if val_labels else None, "max_side": max_side}
-    _check_same_source(out, identity, force)
+    _check_same_source(out, settings, force)
     # spawn: tqdm's monitor thread makes fork unsafe, and the workers need nothing of this process
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     with pool or contextlib.nullcontext():
         for split in SPLITS:
-            if not force and task[1] == 1 and is_complete(out, split):
-                print(f"{split}: {out / (split + '.json')} is complete, kept (--force rewrites)", file=sys.stderr)
-                continue
-            if force:
-                for record in (out / PARTS).glob(f"{split}-*.json"):
-                    record.unlink()
-            convert_split(src, out, split, listed[split], classes, shard_samples, seed, pool, task, max_side)
+            convert_split(src, out, split, listed[split], classes, settings, pool, task)
 
 
 class BadShard(Exception):

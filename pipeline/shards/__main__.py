@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadShard as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as err:
+    except OSError as err:  # a missing input (2); a full disk or failing file system: rerun when fixed (1)
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, FileNotFoundError) else 1
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
