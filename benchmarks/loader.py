@@ -1,6 +1,6 @@
 """Loader benchmark: train-transform images/s per CPU core, ours against the usual pipeline and bare decode.
 
-    python benchmarks/loader.py [--src IMAGENET_TRAIN_SUBSET | --photos DIR] [--images 2000] [--out FILE]
+    python benchmarks/loader.py [--src TREE | --photos DIR] [--images 2000] [--out FILE]
 
 Every pipeline runs in this one process on one thread (images/s per core) over the same JPEGs, in
 rounds, interleaved; the median round counts:
@@ -14,9 +14,9 @@ rounds, interleaved; the median round counts:
 - ours without draft: the same with PIL's reduced-size decoding switched off, to show what it buys.
 - ours through the DataLoader with one worker per core: total images/s of this machine.
 
-Without --src the images are made from real photos (Debian's mate-backgrounds: `apt-get install
-mate-backgrounds`): random crops resized to ImageNet's sizes (most 500x375 or 375x500, some up to
-1600 px) and saved as JPEG quality 90, about ImageNet's 110 KB per image. Writes JSON to --out.
+Without --src (an ImageNet-style tree with train/ and val/) the images are made from real photos by
+benchmarks/photos.py: ImageNet's sizes, but smoother content than ImageNet (~37 KB per file against
+ImageNet's ~110 KB), so decoding here is somewhat cheaper than on ImageNet. Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -41,7 +39,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline import data, shards
 from pipeline.config import DataConfig
 from pipeline.manifest import load_manifest
-from photos import DEFAULT_PHOTOS, make_tree  # benchmarks/photos.py, next to this script
+import photos  # benchmarks/photos.py and timing.py, next to this script
+from timing import interleaved_rounds, write_result
 
 def bare_pil(blobs: list[bytes]) -> None:
     for blob in blobs:
@@ -75,20 +74,15 @@ def ours_loader(loader) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, help="an ImageFolder tree ROOT/train/<class>/*.JPEG to measure on")
-    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="real photos to cut images from")
-    parser.add_argument("--images", type=int, default=2000, help="images to make when --src is not given")
+    photos.add_arguments(parser, images=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the last row")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="loader-bench-"))
-    src = args.src or make_tree(args.photos, work / "images", args.images)
-    (work / "shards").mkdir()
-    classes = shards.list_classes(src)
-    shards.convert_split(src, work / "shards", "train", shards.list_split(src, "train", classes), classes,
-                         shards.DEFAULT_SHARD_SAMPLES, seed=0)
+    src = photos.source_tree(args, work)
+    shards.convert(src, work / "shards")
     manifest = load_manifest(work / "shards", "train")
     files = sorted((src / "train").rglob("*.JPEG"))
     blobs = [f.read_bytes() for f in files]
@@ -114,13 +108,8 @@ def main() -> None:
         f"ours_dataloader_{args.workers}_workers": (lambda: ours_loader(loader), n // 32 * 32),
     }
     ours_loader(loader)  # start the workers and warm the page cache before timing
-    runs = {name: [] for name in pipelines}
-    for r in range(args.rounds):
-        for name, (run, count) in pipelines.items():
-            start = time.perf_counter()
-            run()
-            runs[name].append(count / (time.perf_counter() - start))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
+    seconds = interleaved_rounds({name: run for name, (run, _) in pipelines.items()}, args.rounds)
+    runs = {name: [count / s for s in seconds[name]] for name, (_, count) in pipelines.items()}
     median = {name: statistics.median(v) for name, v in runs.items()}
     bare = max(median["bare_decode_pil"], median["bare_decode_torchvision"])
     result = {
@@ -143,9 +132,7 @@ def main() -> None:
     print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2); ours / bare decode = "
           f"{result['ours_vs_bare_decode']:.2f} of the faster decoder, {result['ours_vs_bare_decode_pil']:.2f} "
           f"of PIL's (goal >= 0.8); reduced-size decoding speed-up = {result['draft_speedup']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

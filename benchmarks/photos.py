@@ -7,6 +7,7 @@ to 1600 px) and saved as JPEG quality 90, stand in for ImageNet's files.
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 
@@ -44,3 +45,15 @@ def make_tree(photos: Path, root: Path, count: int, val_count: int = 0, seed: in
         photo.resize((w, h), Image.Resampling.BILINEAR, box=(x, y, x + cw, y + ch)).save(
             out / f"img{i:05d}.JPEG", quality=90)
     return root
+
+
+def add_arguments(parser: argparse.ArgumentParser, images: int) -> None:
+    """--src, or --photos and --images: where a benchmark's images come from."""
+    parser.add_argument("--src", type=Path, help="an ImageNet-style tree ROOT/{train,val}/<class>/* to measure on")
+    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="real photos to cut images from")
+    parser.add_argument("--images", type=int, default=images, help="train images to make when --src is not given")
+
+
+def source_tree(args: argparse.Namespace, work: Path) -> Path:
+    """args.src, or a tree made under work (a tenth as many val images as train)."""
+    return args.src or make_tree(args.photos, work / "images", args.images, val_count=args.images // 10)

@@ -15,38 +15,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+from typing import Callable
 
 from pipeline import shards
-from photos import DEFAULT_PHOTOS, make_tree  # benchmarks/photos.py, next to this script
+import photos  # benchmarks/photos.py and timing.py, next to this script
+from timing import interleaved_rounds, write_result
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):  # the converter's progress bar and summary
-        run()
-    return time.perf_counter() - start
+def quiet(run: Callable[[], None]) -> Callable[[], None]:
+    """run without the converter's progress bar and summary on stderr."""
+    def wrapped() -> None:
+        with contextlib.redirect_stderr(io.StringIO()):
+            run()
+    return wrapped
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, help="an ImageNet-style tree ROOT/{train,val}/<class>/* to measure on")
-    parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="real photos to cut images from")
-    parser.add_argument("--images", type=int, default=10000, help="images to make when --src is not given")
+    photos.add_arguments(parser, images=10000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shard-samples", type=int, default=250,
                         help="images per shard (default 250: enough shards to keep 2 workers busy)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/shards.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shards-bench-"))
-    src = args.src or make_tree(args.photos, work / "images", args.images, val_count=args.images // 10)
+    src = photos.source_tree(args, work)
     files = [p for p in src.rglob("*") if p.is_file()]
     count, size = len(files), sum(p.stat().st_size for p in files)
 
@@ -57,13 +56,9 @@ def main() -> None:
     def tar() -> None:
         subprocess.run(["tar", "cf", str(work / "out.tar"), "-C", str(src), "."], check=True)
 
-    runs = {"tar": tar, "convert_1_worker": lambda: convert(1), "convert_2_workers": lambda: convert(2)}
-    timed(tar)  # warm the page cache
-    seconds = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name, run in runs.items():
-            seconds[name].append(timed(run))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
+    runs = {"tar": tar, "convert_1_worker": quiet(lambda: convert(1)), "convert_2_workers": quiet(lambda: convert(2))}
+    tar()  # warm the page cache
+    seconds = interleaved_rounds(runs, args.rounds)
     median = {name: statistics.median(v) for name, v in seconds.items()}
     result = {
         "images": count,
@@ -81,9 +76,7 @@ def main() -> None:
         print(f"  {name:20s} {result['img_s'][name]:8.0f} img/s {result['mb_s'][name]:8.1f} MB/s")
     print(f"conversion / tar = {result['convert_vs_tar']:.3f} (goal >= 0.9); "
           f"--workers 2 speed-up = {result['workers_2_speedup']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
