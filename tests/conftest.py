@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from pipeline import demo, shards
@@ -58,3 +59,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def truncate_sample(shard: Path, index: int, keep: int) -> str:
+    """Rewrite a shard with the JPEG of its index-th sample cut to `keep` bytes; returns that sample's key."""
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard), encoder=False, mtime=0) as sink:
+        for i, sample in enumerate(samples):
+            jpg = sample["jpg"][:keep] if i == index else sample["jpg"]
+            sink.write({"__key__": sample["__key__"], "jpg": jpg, "cls": sample["cls"]})
+    return samples[index]["__key__"]

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import webdataset as wds
 
+from conftest import truncate_sample
 from pipeline import config, metrics, schedule
 
 # kn=16 > reference 8: warmup 0.0125 -> 0.025 over the first epoch (15 steps), x0.1 from epoch 1.5 (step 22.5)
@@ -124,13 +124,7 @@ def test_rank_entry_point_needs_a_prepared_run(tmp_path):
 def with_a_corrupt_train_image(shard_dir, out):
     """A copy of the shards whose first train shard holds a truncated JPEG."""
     shutil.copytree(shard_dir, out)
-    shard = out / "train-000000.tar"
-    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
-    with wds.TarWriter(str(shard), encoder=False) as sink:
-        for i, sample in enumerate(samples):
-            jpg = sample["jpg"][:100] if i == 3 else sample["jpg"]
-            sink.write({"__key__": sample["__key__"], "jpg": jpg, "cls": sample["cls"]})
-    return out, samples[3]["__key__"]
+    return out, truncate_sample(out / "train-000000.tar", index=3, keep=100)
 
 
 def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):

@@ -370,17 +370,6 @@ class BadShard(Exception):
     """A shard that does not match its manifest; the message names it and says what differs."""
 
 
-def _check_image(data: bytes) -> None:
-    """Raise BadImage unless data decodes fully as an RGB JPEG (what the converter writes)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format != "JPEG" or image.mode != "RGB":
-                raise BadImage(f"a {image.format} image in mode {image.mode}, not an RGB JPEG")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImage(f"not a decodable image: {err}") from None
-
-
 def verify_shard(path: Path, entry: dict, num_classes: int, deep: bool) -> int:
     """Check one shard against its manifest entry (sha256, sample count, .jpg/.cls members, labels; with
     deep, every image decodes as RGB); returns its sample count, raises BadShard on the first difference."""
@@ -399,9 +388,10 @@ def verify_shard(path: Path, entry: dict, num_classes: int, deep: bool) -> int:
         label = sample["cls"].decode(errors="replace")
         if not label.isdigit() or int(label) >= num_classes:
             raise BadShard(f"{path}: sample {key!r} has label {label!r}, not one of 0..{num_classes - 1}")
-        if deep:
+        if deep:  # the converter's own check: a sample it wrote comes back from rgb_jpeg unchanged
             try:
-                _check_image(sample["jpg"])
+                if rgb_jpeg(sample["jpg"]) != sample["jpg"]:
+                    raise BadImage("not an upright RGB JPEG as the converter writes them")
             except BadImage as err:
                 raise BadShard(f"{path}: sample {key!r} is {err}") from None
         count += 1
