@@ -1,38 +1,97 @@
-"""Per-epoch DeepSpeed checkpoints in the run folder, and resuming from the newest one."""
+"""DeepSpeed checkpoints in the run folder: at the end of every epoch and when a job is stopped; resuming
+from the newest complete one.
+
+A tag folder holds DeepSpeed's model states (weights, SGD momentum, lr scheduler, global step, and our
+client state: the config and the loader position) plus one file per rank with what differs between
+ranks: RNG states and the model's buffers. BN running statistics are per rank (each rank normalises its
+own 32 images) until an evaluation averages them; DeepSpeed saves rank 0's only, and a resumed rank 1
+with rank 0's statistics would evaluate a different model than an uninterrupted run. `latest` names the
+newest complete tag. DeepSpeed writes `latest` in place and before other ranks are done; we write it
+ourselves, atomically and only after every rank has finished its files, so a job killed mid-save resumes
+from the previous checkpoint and never from a half-written one.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import differences
 
 
 def directory(run_dir: Path) -> Path:
-    """Where DeepSpeed writes its checkpoint tags (and the `latest` file)."""
+    """Where the checkpoint tags and the `latest` file live."""
     return Path(run_dir) / "checkpoints"
 
 
-def save(engine, run_dir: Path, epoch: int, config: dict) -> str:
-    """Checkpoint after `epoch` finished epochs (collective: every rank must call it).
+def _rank_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rank{rank:05d}_state.pt"
 
-    DeepSpeed stores the global step (engine.global_steps) itself; the epoch and config ride along.
-    """
-    tag = f"epoch-{epoch:03d}"
-    engine.save_checkpoint(str(directory(run_dir)), tag=tag, client_state={"epoch": epoch, "config": config})
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: int) -> str:
+    """Checkpoint under `tag` (collective: every rank calls it). `position` is where training goes on:
+    {"epoch", "step_in_epoch"}, the next batch the loader hands out. Then only the newest `keep` tags
+    stay on disk (0: all)."""
+    ckpt = directory(run_dir)
+    client = {"position": position, "config": config}
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
+    buffers = {name: buffer.cpu() for name, buffer in engine.module.named_buffers()}
+    torch.save({"rng": _rng_state(), "buffers": buffers}, _rank_file(ckpt / tag, dist.get_rank()))
+    dist.barrier()  # every rank's files are written: only now is the tag complete
+    if dist.get_rank() == 0:
+        partial = ckpt / "latest.partial"
+        partial.write_text(tag)
+        os.replace(partial, ckpt / "latest")
+        if keep:
+            older = sorted((d for d in ckpt.iterdir() if d.is_dir() and d.name != tag), key=lambda d: d.stat().st_mtime)
+            for stale in older[:max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(stale)
     return tag
 
 
-def resume(engine, run_dir: Path, config: dict) -> str | None:
-    """Load the newest checkpoint into the engine and return its tag, or None when there is none.
+def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict] | None:
+    """Load the newest complete checkpoint into the engine: (its tag, its position), or None without one.
 
-    Model, optimizer (momentum buffers), lr scheduler and the global step come back through DeepSpeed; a
-    checkpoint made with a different config is refused rather than silently continued.
+    Model, optimizer (momentum buffers), lr scheduler and global step come back through DeepSpeed, this
+    rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another config is refused, naming
+    the keys that differ.
     """
     ckpt = directory(run_dir)
     if not (ckpt / "latest").is_file():
         return None
-    path, client = engine.load_checkpoint(str(ckpt))
+    tag = (ckpt / "latest").read_text().strip()
+    path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
-        raise RuntimeError(f"{ckpt}: 'latest' names a checkpoint DeepSpeed could not load")
-    if client["config"] != config:
-        raise ValueError(f"{path} was written with a different config than {Path(run_dir) / 'config.json'}; "
-                         "start a new run folder instead of resuming this one")
-    return Path(path).parent.name  # path is the model-states file in the tag folder
+        raise RuntimeError(f"{ckpt / 'latest'} names {tag!r}, which DeepSpeed could not load; "
+                           f"remove {ckpt / tag} and point 'latest' at an older tag, or start a new run folder")
+    changed = differences(client["config"], config)
+    if changed:
+        raise ValueError(f"{ckpt / tag} was written with another config than {Path(run_dir) / 'config.json'} "
+                         f"({'; '.join(changed)}); start a new run folder instead of resuming this one")
+    state = torch.load(_rank_file(ckpt / tag, dist.get_rank()), weights_only=False)
+    _set_rng_state(state["rng"])
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            buffer.copy_(state["buffers"][name])
+    return tag, client["position"]

@@ -78,6 +78,7 @@ class TrainConfig:
     ds_config: str = ""  # DeepSpeed JSON; empty means ds_configs/<precision>.json of this project
     seed: int = 0  # seeds the model init and the per-epoch data permutation
     log_every: int = 50  # optimizer steps between train_iter records
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk (an epoch's end, a preemption); 0 keeps all
     precise_bn_batches: int = 0  # 0: evaluate on BN's running averages (paper); N: recompute them on N train batches per rank first
 
 
@@ -275,6 +276,8 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
+    if cfg.train.keep_checkpoints < 0:
+        errors.append(f"train.keep_checkpoints={cfg.train.keep_checkpoints} must be 0 (keep all) or more")
     if cfg.train.precise_bn_batches < 0:
         errors.append(f"train.precise_bn_batches={cfg.train.precise_bn_batches} must be 0 (off) or more")
     if cfg.schedule.kind not in ("step", "cosine"):
@@ -315,6 +318,14 @@ def resolve(cfg: Config) -> Plan:
 def to_dict(cfg: Config) -> dict:
     """Plain JSON-able dict of a Config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every key whose value differs between two to_dict() configs."""
+    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new.get(section, {}).get(key)!r}"
+            for section in sorted(set(old) | set(new))
+            for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
+            if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
 
 
 def from_dict(data: dict) -> Config:

@@ -33,11 +33,14 @@ path. They stay uint8 until `normalize` on the device.
 from __future__ import annotations
 
 import argparse
+import atexit
 import heapq
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import sys
 import warnings
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
+from pipeline import preempt
 from pipeline.config import DataConfig, micro_batches_per_rank
 from pipeline.manifest import Manifest, load_manifest
 
@@ -349,11 +353,31 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     The rank runs gloo/NCCL, DeepSpeed and queue-feeder threads; a worker forked from it inherits any lock
     one of them held at that instant and can hang forever (seen here: a worker stuck right after fork at
     the second evaluation). The forkserver is a fresh single-threaded process with this module preloaded,
-    so starting workers stays cheap.
+    so starting workers stays cheap. It starts with Slurm's stop signals blocked, and so does every worker
+    it forks: Slurm signals all processes of a job step, and a worker killed by SIGUSR2 or SIGTERM would
+    fail its rank before the rank checkpoints (pipeline.preempt).
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["pipeline.data"])
+    # The resource tracker first, on its own: starting it unblocks SIGTERM again in this thread.
+    with preempt.signals_blocked():
+        multiprocessing.resource_tracker.ensure_running()
+    with preempt.signals_blocked():
+        multiprocessing.forkserver.ensure_running()
+    atexit.unregister(_kill_leftover_workers)  # registered once, after multiprocessing's handler
+    atexit.register(_kill_leftover_workers)
     return context
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL the loader workers still alive (a stuck one, or those of an iterator left behind).
+
+    They block SIGTERM, so the terminate() that torch and multiprocessing fall back on would not end
+    them, and multiprocessing's exit handler, which joins them after terminate(), would wait forever.
+    Registered after that handler, this one runs before it.
+    """
+    for process in multiprocessing.active_children():
+        process.kill()
 
 
 def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool,

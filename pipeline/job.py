@@ -10,16 +10,22 @@ from pathlib import Path
 
 import submitit
 
+from pipeline import preempt
+
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Runs pipeline.train.run(run_dir) on every rank. On preemption or timeout, Checkpointable's
-    checkpoint() requeues this same object, and run() resumes from the newest per-epoch checkpoint."""
+    """Runs pipeline.train.run(run_dir) on every rank.
+
+    On SIGUSR2 or SIGTERM every rank checkpoints after the same step, then rank 0 hands the signal to
+    submitit, whose Checkpointable.checkpoint() requeues this same object; the requeued job resumes from
+    that checkpoint (pipeline.preempt).
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
     def __call__(self) -> dict:
+        stop = preempt.StopRequest().install()  # before the slow imports: no signal is missed
         from pipeline import train
 
-        return train.run(self.run_dir)
-
+        return train.run(self.run_dir, stop)

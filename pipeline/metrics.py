@@ -56,6 +56,10 @@ def progress_line(record: dict) -> str | None:
                 f"top5_err {record['top5_err']:.2f}% on {record['num_samples']} images, "
                 f"epoch {duration(record['epoch_s'])}, eta {duration(record['eta_s'])}"
                 + (f"; {corrupt} corrupt training images replaced (see the ranks' stderr)" if corrupt else ""))
+    if kind == "stop":
+        return (f"stopped after step {record['step']} ({record['signal'] or 'signal on another rank'}): "
+                f"checkpoint {record['checkpoint']} complete; "
+                + ("job requeued, it resumes there" if record["requeued"] else record["message"]))
     if kind == "resume":
         return f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
     return None

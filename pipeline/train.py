@@ -17,7 +17,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, data, metrics, model, report
+from pipeline import checkpoint, data, metrics, model, preempt, report
 from pipeline.config import Config, Plan, load_run_config, to_dict
 from pipeline.engine import build_engine
 from pipeline.manifest import load_manifest
@@ -25,8 +25,9 @@ from pipeline.manifest import load_manifest
 
 def init_distributed(cfg: Config) -> torch.device:
     """torch.distributed from the environment (submitit's, when RANK is not already set); the rank's device."""
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.cluster.cpus_per_task)  # for every process the rank starts
     torch.set_num_threads(cfg.cluster.cpus_per_task)
     backend = cfg.cluster.backend
     if backend == "auto":
@@ -94,11 +95,15 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
-def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log) -> int:
+def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log,
+                stop: preempt.StopRequest) -> tuple[int, bool]:
     """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
-    optimizer step; returns the corrupt samples replaced on all ranks."""
+    optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
+    stop (a signal) before the epoch's end; the last step of an epoch never stops here, so that the
+    epoch's evaluation and checkpoint still happen."""
     engine.train()
-    corrupt = 0
+    corrupt, stopped = 0, False
+    last_step = (epoch + 1) * plan.steps_per_epoch
     window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
     for batch in batches:
         corrupt += batch.corrupt
@@ -119,13 +124,43 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
                       img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
             window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+        if step < last_step and stop.poll(device):
+            stopped = True
+            break
     total = torch.tensor(corrupt, dtype=torch.int64, device=device)
     dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
-    return int(total)
+    return int(total), stopped
 
 
-def run(run_dir: Path) -> dict:
-    """Train the run in run_dir from its newest checkpoint to the end; returns the last eval record."""
+class Stopped(RuntimeError):
+    """A signal stopped the run; its checkpoint is complete but the job was not requeued."""
+
+
+def end_after_stop(engine, stop: preempt.StopRequest, tag: str, max_requeues: int, device, log) -> None:
+    """After the checkpoint of a stop: rank 0 requeues the job, every rank learns whether it did, the
+    stop is logged, and the rank ends: SystemExit when requeued (the job comes back and resumes),
+    Stopped otherwise (the message says how to resume)."""
+    requeued, message = stop.requeue(max_requeues) if dist.get_rank() == 0 else (False, "")
+    flag = torch.tensor([requeued], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)  # all_reduce: rank 0's outcome -> every rank
+    record = log.write("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
+                       requeued=bool(flag.item()), message=message)
+    if log.enabled:
+        print(metrics.progress_line(record), flush=True)
+    if flag.item():
+        raise SystemExit(-1)  # no result is recorded: the requeued job finishes the run
+    raise Stopped(f"stopped after step {engine.global_steps} ({stop.received or 'a signal on another rank'}); "
+                  f"checkpoint {tag} is complete; {message}; run the same command again to resume from it")
+
+
+def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: int = 0) -> dict:
+    """Train the run in run_dir from its newest checkpoint to the end; returns the last eval record.
+
+    `stop` catches SIGUSR2/SIGTERM (entry points install it first thing, so that no signal is missed
+    during start-up); on one, every rank checkpoints after the same step and the job is requeued
+    (`max_requeues` limits requeues of a plain srun job; submitit keeps its own count).
+    """
+    stop = stop or preempt.StopRequest().install()
     run_dir = Path(run_dir)
     cfg, plan = load_run_config(run_dir)
     device = init_distributed(cfg)
@@ -144,13 +179,20 @@ def run(run_dir: Path) -> dict:
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     engine = build_engine(net, cfg, plan, ds_config)
     config_dict = to_dict(cfg)
-    tag = checkpoint.resume(engine, run_dir, config_dict)
-    # The position comes from the optimizer step DeepSpeed restored: a checkpoint taken after any step
-    # resumes at the next batch, mid-epoch included (the loader skips straight to it).
-    epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
-    log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg))
-    if tag is not None:
-        log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
+    resumed = checkpoint.resume(engine, run_dir, config_dict)
+    epoch, step_in_epoch = 0, 0
+    if resumed:
+        tag, position = resumed
+        epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
+        if epoch * plan.steps_per_epoch + step_in_epoch != engine.global_steps:
+            raise RuntimeError(f"checkpoint {tag}: position {position} disagrees with its global step "
+                               f"{engine.global_steps} at {plan.steps_per_epoch} steps per epoch")
+    log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
+              job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+    if resumed:
+        record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
+        if primary:
+            print(metrics.progress_line(record), flush=True)
     rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
     train_stream = data.TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
                                     plan.steps_per_epoch * cfg.train.grad_accum, rank, world, cfg.train.seed)
@@ -163,20 +205,29 @@ def run(run_dir: Path) -> dict:
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
         train_stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
-        corrupt = train_epoch(engine, cfg, plan, train_batches, epoch, device, log)
+        corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop)
+        if stopped:
+            step_in_epoch = engine.global_steps - epoch * plan.steps_per_epoch
+            tag = checkpoint.save(engine, run_dir, f"step-{engine.global_steps:07d}",
+                                  {"epoch": epoch, "step_in_epoch": step_in_epoch}, config_dict,
+                                  cfg.train.keep_checkpoints)
+            end_after_stop(engine, stop, tag, max_requeues, device, log)
         if cfg.train.precise_bn_batches:
             train_stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
             precise_bn(engine.module, train_batches, cfg.train.precise_bn_batches, cfg, device)
         result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
         step_in_epoch = 0
-        checkpoint.save(engine, run_dir, epoch, config_dict)
+        tag = checkpoint.save(engine, run_dir, f"epoch-{epoch:03d}", {"epoch": epoch, "step_in_epoch": 0}, config_dict,
+                              cfg.train.keep_checkpoints)
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
                            eta_s=per_epoch * (cfg.schedule.epochs - epoch))
         if primary:
             print(metrics.progress_line(record), flush=True)
+        if epoch < cfg.schedule.epochs and stop.settle(device):
+            end_after_stop(engine, stop, tag, max_requeues, device, log)
     dist.barrier()
     if primary:
         print(report.write(run_dir), flush=True)

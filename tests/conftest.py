@@ -13,6 +13,11 @@ from pipeline import demo, shards
 
 TRAIN_PER_CLASS = 24
 VAL_PER_CLASS = 7
+# A 2-rank run of the shard_dir fixture: kn=16 > reference 8, so warmup 0.0125 -> 0.025 over the first
+# epoch (15 steps), x0.1 from epoch 1.5 (step 22.5).
+SMALL = ["data.train_samples=240", "data.val_samples=70", "data.workers=1", "train.micro_batch=8",
+         "train.log_every=1", "optim.base_lr=0.0125", "optim.reference_batch=8", "schedule.epochs=2",
+         "schedule.warmup_epochs=1", "schedule.milestones=1.5"]
 
 
 def write_tree(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS) -> Path:

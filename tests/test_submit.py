@@ -5,16 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import truncate_sample
+from conftest import SMALL, truncate_sample
 from pipeline import config, metrics, schedule
-
-# kn=16 > reference 8: warmup 0.0125 -> 0.025 over the first epoch (15 steps), x0.1 from epoch 1.5 (step 22.5)
-SMALL = ["data.train_samples=240", "data.val_samples=70", "data.workers=1", "train.micro_batch=8",
-         "train.log_every=1", "optim.base_lr=0.0125", "optim.reference_batch=8", "schedule.epochs=2",
-         "schedule.warmup_epochs=1", "schedule.milestones=1.5"]
 
 
 def submit(*args, cwd=None):
@@ -47,6 +43,7 @@ def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
     assert {"top1_err", "top5_err"} <= set(evals[0])
     assert evals[0]["top1_err"] - evals[1]["top1_err"] > 10  # it learns (images and labels still belong together)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-002"
+    assert len(list((run_dir / "checkpoints" / "epoch-002").glob("rank*_state.pt"))) == 2  # RNG and BN, per rank
     assert (run_dir / "curves.png").stat().st_size > 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["epochs"] == 2 and report["final_top1_err"] == evals[-1]["top1_err"]
@@ -66,7 +63,11 @@ def test_lr_follows_the_plan_through_the_engine(run):
 def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
     run_dir, args, _ = run
     first = metrics.read(run_dir / "metrics.jsonl")
-    (run_dir / "checkpoints" / "latest").write_text("epoch-001")  # as if preempted during epoch 2
+    ckpt = run_dir / "checkpoints"
+    (ckpt / "latest").write_text("epoch-001")  # as if preempted during epoch 2 ...
+    (ckpt / "step-0000020").mkdir()  # ... while writing a newer checkpoint: half a file, `latest` not yet moved
+    (ckpt / "step-0000020" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    (ckpt / "latest.partial").write_text("step-0000020")
     again = submit(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from epoch-001 at epoch 1, step 15" in again.stdout
@@ -83,8 +84,41 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
 
 def test_a_changed_config_is_refused_for_an_existing_run(run):
     run_dir, args, _ = run
-    changed = submit(*args, "optim.base_lr=0.2")
-    assert changed.returncode == 2 and "holds a different config" in changed.stderr
+    changed = submit(*args, "optim.base_lr=0.2", "train.seed=3")
+    assert changed.returncode == 2 and "holds another config" in changed.stderr
+    assert "optim.base_lr: 0.0125 -> 0.2; train.seed: 0 -> 3" in changed.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--slurm", "nodes=4"], "nodes is set by the launcher"),
+    (["--slurm", "comment=two words"], "cannot go on an #SBATCH line"),
+    (["--slurm", "reservation"], "is not KEY=VALUE"),
+    (["--time", "1", "--signal-delay", "90"], "--signal-delay 90 s is not shorter than --time 1 min"),
+    (["--sweep", "cluster.nodes=1,2"], "every run of a job array gets the same resources"),
+    (["--sweep", "train.micro_batch"], "is not KEY=V1,V2"),
+])
+def test_bad_slurm_flags_are_refused_before_anything_runs(flags, message):
+    result = submit("--preset", "goyal_r50_bs8k", "--dry-run", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_multi_node_run_folders_must_be_on_a_shared_filesystem(shard_dir, tmp_path):
+    run_dir = Path("/dev/shm") / f"pipeline-test-{os.getpid()}"
+    result = submit("--emit-sbatch", str(tmp_path / "job.sbatch"), "--nodes", "2", "--run-dir", str(run_dir),
+                    f"data.shards={shard_dir}", *SMALL)
+    assert result.returncode == 2 and "is on a tmpfs filesystem (mounted at /dev/shm)" in result.stderr
+    assert "--assume-shared" in result.stderr and not run_dir.exists()
+
+
+def test_sweep_dry_run_lists_every_run(tmp_path):
+    result = submit("--preset", "goyal_r50_bs256", "--dry-run", "--json", "--run-dir", str(tmp_path / "sweep"),
+                    "--sweep", "train.micro_batch=16,32", "--sweep", "optim.nesterov=false,true")
+    assert result.returncode == 0, result.stderr
+    plans = json.loads(result.stdout)
+    assert [Path(p["run_dir"]).name for p in plans] == [
+        "00_train.micro_batch=16_optim.nesterov=false", "01_train.micro_batch=16_optim.nesterov=true",
+        "02_train.micro_batch=32_optim.nesterov=false", "03_train.micro_batch=32_optim.nesterov=true"]
+    assert [p["plan"]["peak_lr"] for p in plans] == [0.05, 0.05, 0.1, 0.1]
 
 
 def test_missing_shards_fail_before_anything_is_submitted(tmp_path):

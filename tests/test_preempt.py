@@ -1,0 +1,79 @@
+"""Stop signals without Slurm: ranks agree on one stop step, and loader workers outlive the signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline import preempt
+
+WORLD = 3
+SIGNALLED_RANK, SIGNALLED_AT = 2, 5
+
+
+def agree_main(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    stop = preempt.StopRequest().install()
+    polls = []
+    for step in range(1, 20):
+        if rank == SIGNALLED_RANK and step == SIGNALLED_AT:
+            os.kill(os.getpid(), signal.SIGUSR2)  # only this rank hears it, as only rank 0 hears submitit
+        polls.append(stop.poll(torch.device("cpu")))
+        if polls[-1]:
+            break
+    torch.save({"stopped_at": step, "received": stop.received, "settled": stop.settle(torch.device("cpu"))},
+               out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_same_step_when_one_rank_is_signalled(tmp_path, free_port):
+    mp.start_processes(agree_main, args=(free_port, tmp_path), nprocs=WORLD, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # the signal arrives before poll 5; poll 5 starts the allreduce carrying it and poll 6 reads it
+    assert [r["stopped_at"] for r in results] == [SIGNALLED_AT + 1] * WORLD
+    assert [r["received"] for r in results] == [None, None, "SIGUSR2"]
+    assert all(r["settled"] for r in results)
+
+
+def test_no_signal_no_stop(tmp_path, free_port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        stop = preempt.StopRequest()
+        assert not any(stop.poll(torch.device("cpu")) for _ in range(5)) and not stop.settle(torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loader_workers_outlive_usr2_and_term_sent_to_the_whole_process_group(shard_dir, tmp_path):
+    """Slurm signals every process of a job step, DataLoader workers included: they must keep loading
+    until the rank reaches its step boundary."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from pipeline import config, data, preempt
+        from pipeline.manifest import load_manifest
+
+        if __name__ == "__main__":
+            stop = preempt.StopRequest().install()
+            cfg = config.apply_overrides(config.preset("demo"), ["data.shards=" + sys.argv[1], "data.workers=2",
+                                                                 "data.train_samples=240", "train.micro_batch=8"])
+            stream = data.TrainStream(load_manifest(cfg.data.shards, "train"), cfg.data, 8, 30, 0, 1, 0)
+            stream.set_epoch(0)
+            batches = iter(data.loader(stream, cfg.data, False))
+            seen = [next(batches)]
+            os.killpg(0, signal.SIGUSR2)
+            os.killpg(0, signal.SIGTERM)
+            seen += list(batches)
+            print(len(seen), stop.received)
+    """))
+    result = subprocess.run([sys.executable, str(script), str(shard_dir)], capture_output=True, text=True, timeout=120,
+                            start_new_session=True)  # its own process group: the signals stay in it
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["30", "SIGUSR2"]

@@ -1,0 +1,201 @@
+"""The launcher, both sbatch templates and preemption on a real Slurm: one controller and two emulated
+nodes on this host (tests/slurm/start.sh). Where Slurm cannot start, these tests fail; they never skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL
+from pipeline import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+# Long enough (~45 s on 2 cores) that the first warning of a 1-minute time limit (SIGUSR2 55 s before it,
+# which Slurm, checking every 30 s, sends 5 to 35 s after the start) always lands before the end.
+LONG = [*SMALL, "schedule.epochs=20"]
+TOTAL_STEPS = 20 * 15
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running Slurm for the session; SLURM_CONF points every client (and submitit) at it."""
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(ROOT / "tests/slurm/start.sh"), str(folder)], capture_output=True, text=True)
+    if started.returncode != 0:
+        pytest.fail(f"tests/slurm/start.sh could not start Slurm:\n{started.stdout}{started.stderr}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    yield folder
+    subprocess.run(["bash", str(ROOT / "tests/slurm/stop.sh"), str(folder)])
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def submit(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipeline.submit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def in_queue(job: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip())
+
+
+def wait_until(condition, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            tails = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(logs.rglob("*.log*"))
+                              + sorted(logs.rglob("*.out")) + sorted(logs.rglob("*.err")))
+            pytest.fail(f"{what} did not happen within {timeout} s; logs:\n{tails}")
+        time.sleep(0.2)
+
+
+def submitted_job(run_dir: Path) -> str:
+    return json.loads((run_dir / "submitted.json").read_text())["job_id"]
+
+
+def steps(run_dir: Path, kind: str = "train_iter") -> list:
+    return [r for r in metrics.read(run_dir / "metrics.jsonl") if r["_type"] == kind]
+
+
+def final_state(run_dir: Path) -> dict:
+    """The trained module (weights and BN statistics) of the run's last checkpoint."""
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+    assert worst <= 1e-6, f"final parameters differ from the uninterrupted run by up to {worst}"
+
+
+def assert_every_step_once(run_dir: Path, total: int) -> None:
+    assert [r["step"] for r in steps(run_dir)] == list(range(1, total + 1))
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, shard_dir, tmp_path_factory):
+    """The uninterrupted 2-rank run that interrupted ones must reproduce, submitted through submitit."""
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    result = submit("--cluster", "slurm", "--time", "10", "--run-dir", str(run_dir), "--wait",
+                    f"data.shards={shard_dir}", *LONG)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def test_submit_on_slurm_runs_every_rank_and_status_shows_the_job(reference):
+    assert_every_step_once(reference, TOTAL_STEPS)
+    assert (reference / "report.json").is_file()
+    kept = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["epoch-018", "epoch-019", "epoch-020"]  # train.keep_checkpoints=3
+    assert sorted(p.name for p in (reference / "submitit").glob("*_log.out")) == [
+        f"{submitted_job(reference)}_{rank}_log.out" for rank in (0, 1)]
+    start = steps(reference, "start")[0]
+    assert start["job_id"] == submitted_job(reference) and start["restarts"] == 0
+    shown = submit("--status", str(reference))
+    assert shown.returncode == 0, shown.stderr
+    assert f"job {submitted_job(reference)} COMPLETED" in shown.stdout and "epoch 20/20 done" in shown.stdout
+
+
+def test_usr2_mid_epoch_checkpoints_requeues_and_finishes_like_the_uninterrupted_run(reference, shard_dir, tmp_path):
+    run_dir = tmp_path / "preempted"
+    result = submit("--cluster", "slurm", "--time", "10", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *LONG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = submitted_job(run_dir)
+    wait_until(lambda: len(steps(run_dir)) >= 20, 120, "step 20", run_dir)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # every process of the job step gets it
+    wait_until(lambda: steps(run_dir, "resume"), 180, "the requeued job's resume", run_dir)
+    wait_until(lambda: not in_queue(job), 240, "the end of the requeued job", run_dir)
+    (stop,) = steps(run_dir, "stop")
+    assert stop["signal"] == "SIGUSR2" and stop["requeued"] and stop["checkpoint"] == f"step-{stop['step']:07d}"
+    assert stop["step"] % 15 != 0, "the stop was meant to land mid-epoch"
+    (resume,) = steps(run_dir, "resume")
+    assert resume["step"] == stop["step"] and resume["checkpoint"] == stop["checkpoint"]
+    assert steps(run_dir, "start")[-1]["restarts"] == 1
+    assert_every_step_once(run_dir, TOTAL_STEPS)
+    assert [r["epoch"] for r in steps(run_dir, "eval")] == list(range(20))
+    assert_same_state(final_state(run_dir), final_state(reference))
+    want = {r["step"]: r["loss"] for r in steps(reference)}
+    assert {r["step"]: r["loss"] for r in steps(run_dir)} == pytest.approx(want, abs=1e-6)
+
+
+def test_sbatch_template_on_two_nodes_survives_a_short_time_limit(reference, shard_dir, tmp_path):
+    """slurm/train.sbatch, 2 emulated nodes x 1 task: USR2 55 s before a 1-minute limit, scontrol requeue
+    (as often as it takes), and the same final model as the uninterrupted 2-rank run."""
+    run_dir, script = tmp_path / "time limited", tmp_path / "train job.sbatch"
+    result = submit("--emit-sbatch", str(script), "--nodes", "2", "--gpus-per-node", "1", "--time", "1",
+                    "--signal-delay", "55", "--max-requeues", "10", "--assume-shared", "--run-dir", str(run_dir),
+                    f"data.shards={shard_dir}", *LONG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = subprocess.run(["sbatch", "--parsable", "--output", str(tmp_path / "batch-%j.out"), str(script)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    wait_until(lambda: (run_dir / "report.json").is_file() and not in_queue(job), 420, "the end of the job", tmp_path)
+    stops = steps(run_dir, "stop")
+    assert stops and all(s["requeued"] and s["signal"] in ("SIGUSR2", "SIGTERM") for s in stops)
+    assert [r["restarts"] for r in steps(run_dir, "start")] == list(range(len(stops) + 1))
+    assert {r["job_id"] for r in steps(run_dir, "start")} == {job}
+    assert_every_step_once(run_dir, TOTAL_STEPS)
+    assert_same_state(final_state(run_dir), final_state(reference))
+    logs = sorted(p.name for p in (run_dir / "slurm").glob("*.log"))
+    assert logs == [f"{job}_0.log", f"{job}_1.log"]  # one log per rank, appended to across requeues
+
+
+def test_sbatch_template_on_two_nodes_by_two_tasks(slurm, shard_dir, weird_root):
+    run_dir, script = weird_root / "four ranks", weird_root / "four ranks.sbatch"
+    result = submit("--emit-sbatch", str(script), "--nodes", "2", "--gpus-per-node", "2", "--time", "10",
+                    "--assume-shared", "--slurm", "comment=pipeline-test", "--run-dir", str(run_dir),
+                    f"data.shards={shard_dir}", *SMALL, "schedule.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = subprocess.run(["sbatch", "--wait", "--parsable", "--output", str(weird_root / "batch-%j.out"), str(script)],
+                          capture_output=True, text=True, timeout=300, cwd=weird_root)
+    assert done.returncode == 0, done.stderr + "".join(p.read_text()[-2000:] for p in (run_dir / "slurm").glob("*"))
+    job = done.stdout.strip()
+    (start,) = steps(run_dir, "start")
+    assert start["world_size"] == 4 and start["job_id"] == job
+    assert [r["step"] for r in steps(run_dir)] == list(range(1, 8))  # 240 // (4 x 8) = 7 steps
+    nodes = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "NodeList=n[1-2]" in nodes and "Comment=pipeline-test" in nodes
+
+
+def test_sweep_is_one_job_array_with_a_run_folder_each(slurm, shard_dir, tmp_path):
+    run_dir = tmp_path / "sweep"
+    result = submit("--cluster", "slurm", "--gpus-per-node", "1", "--time", "10", "--run-dir", str(run_dir),
+                    "--sweep", "train.micro_batch=8,16", "--wait", f"data.shards={shard_dir}", *SMALL,
+                    "schedule.epochs=1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = json.loads((run_dir / "sweep.json").read_text())["runs"]
+    assert [r["folder"] for r in runs] == ["00_train.micro_batch=8", "01_train.micro_batch=16"]
+    (array,) = {r["job_id"].split("_")[0] for r in runs}
+    assert [r["job_id"] for r in runs] == [f"{array}_{i}" for i in (0, 1)]
+    for run, batch, steps_per_epoch in zip(runs, (8, 16), (30, 15)):
+        saved = json.loads((run_dir / run["folder"] / "config.json").read_text())
+        assert saved["plan"]["global_batch"] == batch and saved["plan"]["steps_per_epoch"] == steps_per_epoch
+        assert (run_dir / run["folder"] / "report.json").is_file()
+    shown = submit("--status", str(run_dir))
+    assert shown.returncode == 0 and shown.stdout.count("epoch 1/1 done") == 2, shown.stdout + shown.stderr
+
+
+def test_shards_array_script_on_slurm(slurm, image_tree, shard_dir, weird_root):
+    """slurm/shards.sbatch as a 3-task array, then the merge: the same manifest as a one-process run."""
+    out = weird_root / "array shards"
+    done = subprocess.run(["sbatch", "--wait", "--array=0-2", "--cpus-per-task=1", "--output", str(weird_root / "shards-%A_%a.out"),
+                           str(ROOT / "slurm/shards.sbatch"), str(image_tree), str(out), "--shard-samples", "25"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr + "".join(p.read_text() for p in weird_root.glob("shards-*.out"))
+    merged = subprocess.run([sys.executable, "-m", "pipeline.shards", "convert", "--src", str(image_tree),
+                             "--out", str(out), "--shard-samples", "25"], capture_output=True, text=True, cwd=ROOT)
+    assert merged.returncode == 0, merged.stderr
+    assert "(0 shards written now)" in merged.stderr
+    for split in ("train", "val"):
+        assert json.loads((out / f"{split}.json").read_text()) == json.loads((shard_dir / f"{split}.json").read_text())
