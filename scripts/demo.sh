@@ -5,4 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/install.sh"
 cd "$root"
-exec "${PIPELINE_VENV:-$root/.venv}/bin/python" -m pipeline.submit --preset demo "$@"
+# Local processes even where srun is on PATH (e.g. after the tests installed Slurm): the demo is for this machine.
+exec "${PIPELINE_VENV:-$root/.venv}/bin/python" -m pipeline.submit --preset demo --cluster local "$@"
