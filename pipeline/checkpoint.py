@@ -61,7 +61,10 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     dist.barrier()  # every rank's files are written: only now is the tag complete
     if dist.get_rank() == 0:
         partial = ckpt / "latest.partial"
-        partial.write_text(tag)
+        with open(partial, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it becomes `latest`
         os.replace(partial, ckpt / "latest")
         if keep:
             older = sorted((d for d in ckpt.iterdir() if d.is_dir() and d.name != tag), key=lambda d: d.stat().st_mtime)
@@ -85,11 +88,15 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict] | None:
     if path is None:
         raise RuntimeError(f"{ckpt / 'latest'} names {tag!r}, which DeepSpeed could not load; "
                            f"remove {ckpt / tag} and point 'latest' at an older tag, or start a new run folder")
+    rank_file = _rank_file(ckpt / tag, dist.get_rank())
+    if "position" not in client or not rank_file.is_file():
+        raise ValueError(f"{ckpt / tag} lacks the loader position or {rank_file.name}: it was written by an older "
+                         "version of this pipeline, which cannot resume it exactly; start a new run folder")
     changed = differences(client["config"], config)
     if changed:
         raise ValueError(f"{ckpt / tag} was written with another config than {Path(run_dir) / 'config.json'} "
                          f"({'; '.join(changed)}); start a new run folder instead of resuming this one")
-    state = torch.load(_rank_file(ckpt / tag, dist.get_rank()), weights_only=False)
+    state = torch.load(rank_file, weights_only=False)
     _set_rng_state(state["rng"])
     with torch.no_grad():
         for name, buffer in engine.module.named_buffers():

@@ -25,8 +25,9 @@ from pipeline.manifest import load_manifest
 
 def init_distributed(cfg: Config) -> torch.device:
     """torch.distributed from the environment (submitit's, when RANK is not already set); the rank's device."""
-    if "RANK" not in os.environ:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if "RANK" not in os.environ:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from Slurm's variables,
+        # replacing any MASTER_ADDR/PORT a login shell may have exported for something else
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["OMP_NUM_THREADS"] = str(cfg.cluster.cpus_per_task)  # for every process the rank starts
     torch.set_num_threads(cfg.cluster.cpus_per_task)
     backend = cfg.cluster.backend

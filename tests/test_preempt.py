@@ -41,9 +41,8 @@ def test_every_rank_stops_at_the_same_step_when_one_rank_is_signalled(tmp_path, 
     assert all(r["settled"] for r in results)
 
 
-def test_no_signal_no_stop(tmp_path, free_port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def test_no_signal_no_stop(free_port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
     try:
         stop = preempt.StopRequest()
         assert not any(stop.poll(torch.device("cpu")) for _ in range(5)) and not stop.settle(torch.device("cpu"))
