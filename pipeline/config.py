@@ -264,8 +264,13 @@ def resolve(cfg: Config) -> Plan:
     ):
         if value < 1:
             errors.append(f"{key}={value} must be at least 1")
-    if cfg.data.workers < 0:
-        errors.append(f"data.workers={cfg.data.workers} must be 0 (load in the rank) or more")
+    for key, value, zero in (
+        ("data.workers", cfg.data.workers, "load in the rank"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, "keep all"),
+        ("train.precise_bn_batches", cfg.train.precise_bn_batches, "off"),
+    ):
+        if value < 0:
+            errors.append(f"{key}={value} must be 0 ({zero}) or more")
     if cfg.data.eval_resize < cfg.data.image_size:
         errors.append(f"data.eval_resize={cfg.data.eval_resize} is smaller than the centre crop "
                       f"data.image_size={cfg.data.image_size}")
@@ -276,10 +281,6 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
-    if cfg.train.keep_checkpoints < 0:
-        errors.append(f"train.keep_checkpoints={cfg.train.keep_checkpoints} must be 0 (keep all) or more")
-    if cfg.train.precise_bn_batches < 0:
-        errors.append(f"train.precise_bn_batches={cfg.train.precise_bn_batches} must be 0 (off) or more")
     if cfg.schedule.kind not in ("step", "cosine"):
         errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
     if cfg.schedule.warmup_epochs < 0:
