@@ -77,8 +77,8 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict] | None:
     """Load the newest complete checkpoint into the engine: (its tag, its position), or None without one.
 
     Model, optimizer (momentum buffers), lr scheduler and global step come back through DeepSpeed, this
-    rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another config is refused, naming
-    the keys that differ.
+    rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another
+    config is refused, naming the keys that differ.
     """
     ckpt = directory(run_dir)
     if not (ckpt / "latest").is_file():

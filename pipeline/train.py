@@ -180,14 +180,19 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     engine = build_engine(net, cfg, plan, ds_config)
     config_dict = to_dict(cfg)
+
+    def save_checkpoint(tag: str) -> str:
+        """Checkpoint with the loader position the global step implies: a stop never falls on an epoch's
+        last step, so a mid-epoch step resumes in its epoch and an epoch's end at the next one's start."""
+        epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
+        return checkpoint.save(engine, run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch}, config_dict,
+                               cfg.train.keep_checkpoints)
+
     resumed = checkpoint.resume(engine, run_dir, config_dict)
     epoch, step_in_epoch = 0, 0
     if resumed:
         tag, position = resumed
         epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
-        if epoch * plan.steps_per_epoch + step_in_epoch != engine.global_steps:
-            raise RuntimeError(f"checkpoint {tag}: position {position} disagrees with its global step "
-                               f"{engine.global_steps} at {plan.steps_per_epoch} steps per epoch")
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:
@@ -208,10 +213,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         train_stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
         corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop)
         if stopped:
-            step_in_epoch = engine.global_steps - epoch * plan.steps_per_epoch
-            tag = checkpoint.save(engine, run_dir, f"step-{engine.global_steps:07d}",
-                                  {"epoch": epoch, "step_in_epoch": step_in_epoch}, config_dict,
-                                  cfg.train.keep_checkpoints)
+            tag = save_checkpoint(f"step-{engine.global_steps:07d}")
             end_after_stop(engine, stop, tag, max_requeues, device, log)
         if cfg.train.precise_bn_batches:
             train_stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
@@ -219,8 +221,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
         step_in_epoch = 0
-        tag = checkpoint.save(engine, run_dir, f"epoch-{epoch:03d}", {"epoch": epoch, "step_in_epoch": 0}, config_dict,
-                              cfg.train.keep_checkpoints)
+        tag = save_checkpoint(f"epoch-{epoch:03d}")
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
