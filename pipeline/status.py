@@ -35,23 +35,24 @@ def slurm_job(run_dir: Path, records: list[dict]) -> str | None:
     return max(known)[1] if known else None
 
 
+def _output(command: list[str]) -> str:
+    """A Slurm command's stdout, or "" when it fails or Slurm is not reachable from here."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def slurm_state(job: str) -> str | None:
     """PENDING, RUNNING, COMPLETED, ... from squeue or scontrol; None when Slurm no longer knows the job
     (or is not reachable from here)."""
-    commands = (["squeue", "-h", "-j", job, "-o", "%T"], ["scontrol", "show", "job", job])
-    for command in commands:
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        out = result.stdout.strip()
-        if result.returncode != 0 or not out:
-            continue
-        if command[0] == "squeue":
-            return out.splitlines()[0]
-        for word in out.split():
-            if word.startswith("JobState="):
-                return word.split("=", 1)[1]
+    queued = _output(["squeue", "-h", "-j", job, "-o", "%T"])
+    if queued:
+        return queued.splitlines()[0]
+    for word in _output(["scontrol", "show", "job", job]).split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
     return None
 
 

@@ -297,18 +297,16 @@ def launch(args: argparse.Namespace) -> int:
         plan = config.resolve(cfg)
         model.check_arch(cfg.model.arch)
         runs.append((run_dir / folder if folder else run_dir, cfg, plan, load_ds_config(cfg, plan)))
-    if args.dry_run:
-        if args.json:
-            plans = [{"run_dir": str(d), "config": config.to_dict(c), "plan": dataclasses.asdict(p), "ds_config": ds}
-                     for d, c, p, ds in runs]
-            print(json.dumps(plans if sweep else plans[0], indent=2))
-        else:
-            for d, c, p, _ in runs:
-                print(f"{d}: {p.summary(c)}" if sweep else p.summary(c))
-            print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
+    if args.dry_run and args.json:
+        plans = [{"run_dir": str(d), "config": config.to_dict(c), "plan": dataclasses.asdict(p), "ds_config": ds}
+                 for d, c, p, ds in runs]
+        print(json.dumps(plans if sweep else plans[0], indent=2))
         return 0
     for d, c, p, _ in runs:
         print(f"{d.name}: {p.summary(c)}" if sweep else p.summary(c), flush=True)
+    if args.dry_run:
+        print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
+        return 0
     for _, cfg, _, _ in runs:
         if args.preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve()):
             demo.write_image_tree(DEMO_IMAGES)  # the demo makes its own data; any other shards must exist
