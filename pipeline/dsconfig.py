@@ -46,9 +46,19 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
     # DeepSpeed clips gradients at 1.0 when the key is absent; the paper clips nothing.
     if ds.setdefault("gradient_clipping", 0.0) != 0:
         errors.append(f"gradient_clipping={ds['gradient_clipping']}; the recipe clips nothing, set it to 0")
-    stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.setdefault("stage", 0)
     if stage != 0:
         errors.append(f"zero_optimization.stage={stage}; pure data parallelism needs stage 0")
+    # At stage 0 these two drive our overlapped bucketed allreduce (pipeline.buckets), not DeepSpeed's.
+    overlap = zero.get("overlap_comm", False)
+    if not isinstance(overlap, bool):
+        errors.append(f"zero_optimization.overlap_comm={overlap!r}; use true (gradient allreduce in buckets during "
+                      "backward) or false (DeepSpeed's single allreduce after backward)")
+    size = zero.get("reduce_bucket_size", 1)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 1 or size != int(size):
+        errors.append(f"zero_optimization.reduce_bucket_size={size!r}; give the bucket size in gradient elements, "
+                      "a whole number of at least 1 (python -m pipeline.tune_buckets measures the best)")
     if ds.get("fp16", {}).get("enabled", False):
         errors.append("fp16.enabled=true; fp16 loss scaling skips steps and shifts the schedule, use bf16")
     # bf16.enabled casts every parameter, BatchNorm's included, to bf16 while DeepSpeed keeps BN's running

@@ -5,7 +5,7 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from pipeline import schedule
+from pipeline import buckets, schedule
 from pipeline.config import Config, Plan
 
 
@@ -49,9 +49,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict):
-    """deepspeed.initialize with our SGD and schedule; torch.distributed must already be initialised."""
+    """deepspeed.initialize with our SGD and schedule, and with our overlapped bucketed gradient allreduce
+    when the JSON asks for it (pipeline.buckets); torch.distributed must already be initialised."""
     optimizer = build_optimizer(model, cfg, plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg, plan),
                                            config=ds_config, dist_init_required=False)
+    buckets.attach(engine, ds_config)
     return engine

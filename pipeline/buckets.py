@@ -1,0 +1,130 @@
+"""Gradient allreduce in buckets, launched during backward (paper 4: communication pipelined with backprop).
+
+Why not DeepSpeed's own: at ZeRO stage 0, DeepSpeed 0.19 allreduces every gradient after backward has
+ended, in 5e8-element buckets (engine.allreduce_gradients, MEMORY_OPT_ALLREDUCE_SIZE): nothing overlaps
+the backward pass and no config key changes the size. `zero_optimization.reduce_bucket_size` and
+`overlap_comm` reach only the ZeRO 1-3 optimizers. We give those two keys their meaning at stage 0:
+
+    "zero_optimization": {"stage": 0, "overlap_comm": true, "reduce_bucket_size": 6000000}
+
+- Gradients are grouped into buckets of at least `reduce_bucket_size` elements (a larger parameter is a
+  bucket by itself), in reverse registration order: the order backward produces them.
+- A post-accumulate-grad hook on each parameter counts it ready. When a bucket is complete, it and every
+  complete bucket after it in order are flattened into one buffer and allreduced asynchronously. Buckets
+  always start in the same order on every rank, which collectives need.
+- Before the optimizer step (an optimizer step pre-hook, where DeepSpeed's step() reaches the optimizer),
+  buckets still waiting are started, a parameter without a gradient getting zeros as DeepSpeed gives it,
+  and every bucket is waited on and copied back into the gradients.
+- Only on gradient-accumulation boundaries; in between, gradients accumulate locally as in DeepSpeed.
+- Averaging and wire type are DeepSpeed's: `communication_data_type` (bf16 halves the bytes), and
+  `prescale_gradients` / `gradient_predivide_factor` (engine.allreduce_bucket).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in elements
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.ready = 0
+        self.buffer: torch.Tensor | None = None
+        self.work: dist.Work | None = None
+
+
+class BucketedAllreduce:
+    """Overlapped stage-0 gradient allreduce for a DeepSpeed engine; replaces DeepSpeed's own."""
+
+    def __init__(self, engine, bucket_elements: int):
+        if bucket_elements < 1:
+            raise ValueError(f"zero_optimization.reduce_bucket_size={bucket_elements}; it must be at least 1 element")
+        self.engine = engine
+        self.bucket_elements = bucket_elements
+        self.dtype = engine.communication_data_type
+        params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
+        self.buckets: list[_Bucket] = []
+        group: list[torch.nn.Parameter] = []
+        for param in reversed(params):
+            group.append(param)
+            if sum(p.numel() for p in group) >= bucket_elements:
+                self.buckets.append(_Bucket(group))
+                group = []
+        if group:
+            self.buckets.append(_Bucket(group))
+        self.bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
+        self.next = 0  # the first bucket not started yet
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self.handles.append(engine.optimizer.register_step_pre_hook(lambda *_: self.finish()))
+        engine.enable_backward_allreduce = False  # ours replaces DeepSpeed's post-backward allreduce
+
+    def _ready(self, param: torch.nn.Parameter) -> None:
+        """Post-accumulate-grad hook: param.grad holds this backward's sum; start what is complete."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            return
+        bucket = self.bucket_of[param]
+        bucket.ready += 1
+        while self.next < len(self.buckets) and self.buckets[self.next].ready == len(self.buckets[self.next].params):
+            self._start(self.buckets[self.next])
+
+    def _start(self, bucket: _Bucket) -> None:
+        """Flatten the bucket's gradients into its buffer (in the wire type) and allreduce it, async."""
+        if bucket.buffer is None:
+            first = bucket.params[0]
+            bucket.buffer = torch.empty(bucket.numel, dtype=self.dtype, device=first.device)
+        offset = 0
+        for param in bucket.params:
+            if param.grad is None:  # no gradient this step: zeros, so that every rank sends the same size
+                param.grad = torch.zeros_like(param)
+            bucket.buffer[offset:offset + param.numel()].copy_(param.grad.view(-1))
+            offset += param.numel()
+        pre, _ = self._scales()
+        if pre != 1.0:
+            bucket.buffer.mul_(pre)
+        bucket.work = dist.all_reduce(bucket.buffer, async_op=True)  # all_reduce: per-rank grads -> sum
+        self.next += 1
+
+    def _scales(self) -> tuple[float, float]:
+        """(before, after) the sum: DeepSpeed's averaging (engine.allreduce_bucket)."""
+        world = dist.get_world_size()
+        if not self.engine.gradient_average:
+            return 1.0, 1.0
+        if self.engine.postscale_gradients():
+            factor = self.engine.gradient_predivide_factor()
+            return 1.0 / factor, factor / world
+        return 1.0 / world, 1.0
+
+    def finish(self) -> None:
+        """Start the buckets still waiting, wait for all, write the averages back into the gradients."""
+        while self.next < len(self.buckets):
+            self._start(self.buckets[self.next])
+        _, post = self._scales()
+        for bucket in self.buckets:
+            bucket.work.wait()
+            if post != 1.0:
+                bucket.buffer.mul_(post)
+            offset = 0
+            for param in bucket.params:
+                param.grad.view(-1).copy_(bucket.buffer[offset:offset + param.numel()])
+                offset += param.numel()
+            bucket.ready, bucket.work = 0, None
+        self.next = 0
+
+    def remove(self) -> None:
+        """Detach the hooks and give the allreduce back to DeepSpeed."""
+        for handle in self.handles:
+            handle.remove()
+        self.engine.enable_backward_allreduce = True
+
+
+def attach(engine, ds_config: dict) -> BucketedAllreduce | None:
+    """Our allreduce on the engine when zero_optimization.overlap_comm is true (DeepSpeed's default for
+    stage 0 is false: its own allreduce after backward stays); the reducer, or None."""
+    zero = ds_config.get("zero_optimization", {})
+    if not zero.get("overlap_comm", False):
+        return None
+    return BucketedAllreduce(engine, int(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)))
