@@ -29,3 +29,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         from pipeline import train
 
         return train.run(self.run_dir, stop)
+
+
+class TuneJob:
+    """Runs pipeline.tune_buckets.measure on every rank; rank 0's result carries the table."""
+
+    def __init__(self, run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Path | None):
+        self.run_dir, self.sizes, self.steps, self.rounds, self.write = Path(run_dir), sizes, steps, rounds, write
+
+    def __call__(self) -> dict:
+        from pipeline import tune_buckets
+
+        return tune_buckets.measure(self.run_dir, self.sizes, self.steps, self.rounds, self.write)

@@ -44,3 +44,9 @@ def build(cfg: ModelConfig) -> torch.nn.Module:
     torch.nn.init.normal_(model.fc.weight, mean=0.0, std=cfg.fc_init_std)
     torch.nn.init.zeros_(model.fc.bias)
     return model
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Trainable parameters (gradient elements) of the model, counted without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(cfg).parameters() if p.requires_grad)

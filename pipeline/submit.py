@@ -30,7 +30,7 @@ from pathlib import Path
 
 import submitit
 
-from pipeline import config, demo, metrics, model, report, sbatch, shards, status
+from pipeline import config, demo, metrics, model, report, sbatch, scaling, shards, status
 from pipeline.dsconfig import load_ds_config
 from pipeline.job import TrainJob
 from pipeline.manifest import load_manifest
@@ -38,8 +38,9 @@ from pipeline.manifest import load_manifest
 DEMO_IMAGES = Path("data/fashion-mnist")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags of a job on the cluster (config, resources, Slurm), shared by submit and tune_buckets."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", help=f"config preset: {', '.join(config.PRESETS)} (default demo)")
     parser.add_argument("--nodes", type=int, help="nodes (default: the preset's)")
@@ -68,18 +69,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     slurm.add_argument("--assume-shared", action="store_true",
                        help="multi-node jobs: skip the check that the run folder and shards are on a network "
                             "filesystem (for nodes that all mount the same local disk, e.g. one host)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.epochs=2")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = job_parser("python -m pipeline.submit", __doc__)
     parser.add_argument("--run-dir", type=Path, help="run folder (default runs/<preset>-<date>-<time>); "
                                                      "an existing one is resumed if its config is the same")
     parser.add_argument("--emit-sbatch", type=Path, metavar="FILE",
                         help="prepare the run folder and write an sbatch script for it (slurm/train.sbatch) instead of submitting")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan, submit nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    parser.add_argument("--hardware", default=scaling.PAPER.name,
+                        help="with --dry-run: predict step time, images/s, time to train and scaling efficiency "
+                             f"on this hardware: a preset ({', '.join(scaling.PRESETS)}, the paper's cluster) or "
+                             "the hardware.json python -m pipeline.tune_buckets measured on yours")
     parser.add_argument("--wait", action="store_true", help="on Slurm, follow the job until it ends (local runs always do)")
     parser.add_argument("--report", type=Path, metavar="RUN_DIR", help="print and rewrite the report of a run, submit nothing")
     parser.add_argument("--status", type=Path, metavar="RUN_DIR",
                         help="print the job state, last metrics and ETA of a run (or of every run of a sweep)")
     parser.add_argument("--list-keys", action="store_true", help="print every override key with its preset value")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.epochs=2")
     return parser.parse_args(argv)
 
 
@@ -217,6 +227,29 @@ def prepare_run_dir(run_dir: Path, cfg: config.Config, plan: config.Plan, ds_con
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
+def prediction(hw: scaling.Hardware, cfg: config.Config, plan: config.Plan, ds_config: dict) -> str:
+    """The scaling model's step time, images/s, time to train and efficiency of the job, in one line."""
+    if hw.arch != cfg.model.arch:
+        return (f"no prediction: hardware {hw.name} has compute times for {hw.arch}, not {cfg.model.arch}; measure "
+                "yours with python -m pipeline.tune_buckets and pass --hardware RUN_DIR/hardware.json")
+    zero = ds_config["zero_optimization"]
+    bucket = int(zero.get("reduce_bucket_size", 500_000_000)) if zero.get("overlap_comm", False) else None
+    wire = 2 if str(ds_config.get("communication_data_type", "fp32")) in ("bf16", "fp16") else 4
+    c = cfg.cluster
+    try:
+        job, one_node = (scaling.predict(hw, model.parameter_count(cfg.model), nodes, c.gpus_per_node,
+                                         cfg.train.micro_batch, bucket, wire, grad_accum=cfg.train.grad_accum)
+                         for nodes in (c.nodes, 1))
+    except ValueError as err:
+        return f"no prediction: {err}"
+    hours = plan.total_steps * job.step_s / 3600
+    return (f"predicted on {hw.name} ({hw.source}): step {job.step_s * 1e3:.1f} ms (allreduce "
+            f"{job.communication_s * 1e3:.1f} ms, {job.exposed_s * 1e3:.1f} ms of it not hidden by backward), "
+            f"{job.images_s:,.0f} images/s, {cfg.schedule.epochs} epochs in {hours:.2f} h of training steps, scaling "
+            f"efficiency {scaling.efficiency(job, one_node):.1%} of one node; a lower bound: no stragglers, loader "
+            "or evaluation (python -m pipeline.scaling)")
+
+
 def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, name: str,
                   options: dict) -> submitit.Executor:
     """submitit executor with one task per GPU (per process on CPU)."""
@@ -287,6 +320,7 @@ def launch(args: argparse.Namespace) -> int:
         raise ValueError("--json only applies to --dry-run")
     check_slurm_args(args)
     options = sbatch_options(args)
+    hardware = scaling.load_hardware(args.hardware) if args.dry_run else None
     run_dir = (args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep = sweep_overrides(args.sweep, args.overrides)
     if sweep and args.emit_sbatch:
@@ -305,6 +339,8 @@ def launch(args: argparse.Namespace) -> int:
     for d, c, p, _ in runs:
         print(f"{d.name}: {p.summary(c)}" if sweep else p.summary(c), flush=True)
     if args.dry_run:
+        for _, c, p, ds in runs:
+            print(prediction(hardware, c, p, ds))
         print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
         return 0
     for _, cfg, _, _ in runs:

@@ -140,6 +140,19 @@ def test_dry_run_json_is_the_plan():
     assert (plan["global_batch"], plan["steps_per_epoch"], plan["warmup_steps"]) == (8192, 156, 780)
 
 
+def test_dry_run_predicts_step_time_and_scaling_on_the_papers_cluster():
+    result = submit("--preset", "goyal_r50_bs8k", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("predicted on p100-50gbe"))
+    assert "step 233.8 ms" in line and "35,036 images/s" in line and "90 epochs in 0.91 h" in line
+    assert "scaling efficiency 96.7% of one node" in line
+    demo = submit("--dry-run")
+    assert "no prediction: hardware p100-50gbe has compute times for resnet50, not resnet10" in demo.stdout
+    wrong = submit("--dry-run", "--hardware", "p4")
+    assert wrong.returncode == 2 and "--hardware p4: neither a preset (p100-50gbe) nor a file" in wrong.stderr
+    assert "world_size" not in wrong.stdout  # refused before the plan is printed
+
+
 def test_emit_sbatch_prepares_the_run_and_submits_nothing(shard_dir, weird_root):
     run_dir, script = weird_root / "emitted run", weird_root / "job one.sbatch"
     result = submit("--emit-sbatch", str(script), "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL)

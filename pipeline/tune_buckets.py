@@ -1,0 +1,294 @@
+"""Find the gradient bucket size that trains fastest on the allocation you will train on.
+
+    python -m pipeline.tune_buckets --preset goyal_r50_bs8k --nodes 4 --gpus-per-node 8 --partition gpu
+    python -m pipeline.tune_buckets --preset demo --cluster local          # 2 processes on this machine
+
+A job like training, through the same launcher, flags, config and DeepSpeed JSON. Every rank builds the
+real model and DeepSpeed engine and steps it on one batch of the real shape (random pixels and labels:
+the loader is left out, so that only compute and communication are timed). The candidates are overlap
+off (DeepSpeed's own allreduce of everything after backward) and each of --sizes as
+zero_optimization.reduce_bucket_size with overlap_comm on (pipeline.buckets). They take turns, --steps
+optimizer steps each, for --rounds rounds; the median round counts. Then, without communication, the
+forward, backward and update times, and the time of allreduces of several sizes inside a node and
+between nodes: what python -m pipeline.scaling and `submit --dry-run --hardware` need.
+
+Into the run folder: tune.json (every time measured), tune.png (step time against bucket size),
+ds_config_tuned.json (the DeepSpeed JSON with the best setting, or --write FILE), and hardware.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from pipeline import config, model, scaling, submit
+from pipeline.dsconfig import load_ds_config
+from pipeline.job import TuneJob
+
+DEFAULT_SIZES = "1000000,2000000,6553600,13107200,26214400,100000000"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Path | None) -> dict:
+    """What every rank of the tuning job runs; rank 0 writes the results into run_dir (the tuned
+    DeepSpeed JSON to `write` if given) and returns them with their table."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import buckets, train
+    from pipeline.engine import build_engine
+
+    cfg, plan = config.load_run_config(run_dir)
+    device = train.init_distributed(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = cfg.cluster.gpus_per_node
+    net = model.build(cfg.model).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    plain = copy.deepcopy(ds_config)
+    plain["zero_optimization"]["overlap_comm"] = False
+    engine = build_engine(net, cfg, plan, plain)  # DeepSpeed's own allreduce; ours attached per candidate
+    gen = torch.Generator().manual_seed(rank)
+    side = cfg.data.image_size
+    images = torch.randint(0, 256, (cfg.train.micro_batch, side, side, 3), dtype=torch.uint8, generator=gen)
+    x = train.model_input(images.permute(0, 3, 1, 2), cfg, device)
+    y = torch.randint(0, cfg.model.num_classes, (cfg.train.micro_batch,), generator=gen).to(device)
+    phases = {"forward": 0.0, "backward": 0.0, "update": 0.0}
+
+    def optimizer_steps(count: int, timed_phases: bool = False) -> None:
+        for _ in range(count * cfg.train.grad_accum):
+            marks = [time.perf_counter()]
+            loss = torch.nn.functional.cross_entropy(engine(x), y)
+            _sync(device) if timed_phases else None
+            marks.append(time.perf_counter())
+            engine.backward(loss)
+            _sync(device) if timed_phases else None
+            marks.append(time.perf_counter())
+            engine.step()
+            _sync(device)
+            marks.append(time.perf_counter())
+            if timed_phases:
+                for name, start, end in zip(phases, marks, marks[1:]):
+                    phases[name] += end - start
+
+    candidates = {"off": None, **{str(size): size for size in sizes}}
+    reducer = None
+
+    def use(size):
+        nonlocal reducer
+        if reducer:
+            reducer.remove()
+        reducer = buckets.BucketedAllreduce(engine, size) if size else None
+
+    seconds = {name: [] for name in candidates}
+    for rnd in range(rounds + 1):  # round 0 warms up: allocator, connections, the first steps
+        for name, size in candidates.items():
+            use(size)
+            dist.barrier()  # everyone starts together; the round ends when the slowest rank is done
+            start = time.perf_counter()
+            optimizer_steps(steps)
+            dist.barrier()
+            if rnd:
+                seconds[name].append((time.perf_counter() - start) / steps)
+        if rank == 0 and rnd:
+            print(f"round {rnd}/{rounds}: " + ", ".join(f"{n} {s[-1] * 1e3:.0f} ms" for n, s in seconds.items()),
+                  flush=True)
+    use(None)
+    engine.enable_backward_allreduce = False  # compute alone: no communication at all
+    optimizer_steps(1)
+    optimizer_steps(steps, timed_phases=True)
+    micro_steps = steps * cfg.train.grad_accum
+    compute = {"forward": phases["forward"] / micro_steps, "backward": phases["backward"] / micro_steps,
+               "update": phases["update"] / steps}  # the optimizer steps once per accumulation window
+    links = _measure_links(cfg, device, engine)
+    if rank != 0:
+        return {}
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    best = min(median, key=median.get)
+    result = {"candidates_s": seconds, "median_step_s": median, "best": best, "compute_s": compute,
+              "links": links, "world_size": world, "grad_elements": sum(p.numel() for p in net.parameters()
+                                                                         if p.requires_grad)}
+    result["table"] = _write(run_dir, cfg, ds_config, result, write or run_dir / "ds_config_tuned.json")
+    print(result["table"], flush=True)
+    return result
+
+
+def _measure_links(cfg, device, engine) -> dict:
+    """alpha and beta fitted to allreduces of 64 KiB .. the gradient size, inside a node (its g ranks)
+    and between nodes (one rank per node), as scaling.allreduce_s models them; None where there is
+    only one rank to talk to."""
+    import torch
+    import torch.distributed as dist
+
+    g, nodes = cfg.cluster.gpus_per_node, cfg.cluster.nodes
+    rank = dist.get_rank()
+    # new_group is collective: every rank creates every group, in the same order.
+    node_groups = [dist.new_group(list(range(n * g, (n + 1) * g))) for n in range(nodes)]
+    leaders = dist.new_group(list(range(0, nodes * g, g)))
+    grad_elements = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    counts = sorted({min(grad_elements, 4**k * 16384) for k in range(8)})
+    links = {}
+    for kind, members, group in (("intra", g, node_groups[rank // g]), ("inter", nodes, leaders)):
+        if members < 2:
+            links[kind] = None
+            continue
+        samples = []
+        inside = kind == "intra" or rank % g == 0
+        for count in counts:
+            buffer = torch.ones(count, device=device)
+            times = []
+            for _ in range(4):
+                dist.barrier()
+                start = time.perf_counter()
+                if inside:
+                    dist.all_reduce(buffer, group=group)  # all_reduce: a timing probe, values unused
+                    _sync(device)
+                times.append(time.perf_counter() - start)
+            nbytes = count * buffer.element_size()
+            steps = 2 * (members - 1)
+            samples.append((steps, 2 * (members - 1) / members * nbytes, statistics.median(times[1:])))
+        links[kind] = {**dataclasses.asdict(scaling.fit_link(samples)), "samples": samples}
+    return links
+
+
+def _write(run_dir: Path, cfg, ds_config: dict, result: dict, target: Path) -> str:
+    """tune.json, the tuned DeepSpeed JSON at target, hardware.json and tune.png; returns the table."""
+    median, best = result["median_step_s"], result["best"]
+    (run_dir / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
+    tuned = copy.deepcopy(ds_config)
+    zero = tuned["zero_optimization"]
+    zero["overlap_comm"] = best != "off"
+    if best != "off":
+        zero["reduce_bucket_size"] = int(best)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        tuned.pop(key, None)  # filled from the config at submission, like the shipped JSONs
+    target.write_text(json.dumps(tuned, indent=2) + "\n")
+    links = result["links"]
+    link = {kind: (scaling.Link(links[kind]["latency_s"], links[kind]["bandwidth_Bps"]) if links[kind] else None)
+            for kind in ("intra", "inter")}
+    hardware = scaling.Hardware(
+        name=f"measured-{run_dir.name}", source=f"python -m pipeline.tune_buckets, {run_dir}",
+        gpus_per_node=cfg.cluster.gpus_per_node, intra=link["intra"], inter=link["inter"], arch=cfg.model.arch,
+        micro_batch=cfg.train.micro_batch, forward_s=result["compute_s"]["forward"],
+        backward_s=result["compute_s"]["backward"], update_s=result["compute_s"]["update"])
+    (run_dir / "hardware.json").write_text(json.dumps(dataclasses.asdict(hardware), indent=1) + "\n")
+    baseline = median["off"]
+    lines = [f"{'bucket elements':>16} {'step ms':>9} {'vs off':>7}"]
+    for name, value in median.items():
+        label = "off (DeepSpeed)" if name == "off" else f"{int(name):,}"
+        lines.append(f"{label:>16} {value * 1e3:>9.1f} {value / baseline:>7.3f}{'  <- best' if name == best else ''}")
+    compute = result["compute_s"]
+    lines.append(f"compute without communication: forward {compute['forward'] * 1e3:.1f} ms, backward "
+                 f"{compute['backward'] * 1e3:.1f} ms, update {compute['update'] * 1e3:.1f} ms")
+    for kind, value in links.items():
+        if value:
+            lines.append(f"allreduce {kind}-node: latency {value['latency_s'] * 1e6:.0f} us, "
+                         f"bandwidth {value['bandwidth_Bps'] / 1e9:.2f} GB/s")
+    _plot(run_dir / "tune.png", median, cfg)
+    lines.append(f"wrote {target}: train with train.ds_config={shlex.quote(str(target))}")
+    lines.append(f"wrote {run_dir / 'hardware.json'}: predict with python -m pipeline.submit --dry-run "
+                 f"--hardware {shlex.quote(str(run_dir / 'hardware.json'))}")
+    lines.append(f"wrote {run_dir / 'tune.png'}")
+    return "\n".join(lines)
+
+
+def _plot(path: Path, median: dict, cfg) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [(int(name), value) for name, value in median.items() if name != "off"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s for s, _ in sizes], [v * 1e3 for _, v in sizes], "o-", label="overlapped buckets")
+    ax.axhline(median["off"] * 1e3, color="grey", linestyle="--", label="overlap off (DeepSpeed stage 0)")
+    ax.set_xscale("log")
+    ax.set_xlabel("zero_optimization.reduce_bucket_size (elements)")
+    ax.set_ylabel("step time (ms, median)")
+    ax.set_title(f"{cfg.model.arch}, {cfg.train.micro_batch}/GPU, {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = submit.job_parser("python -m pipeline.tune_buckets", __doc__)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"bucket sizes in elements (default {DEFAULT_SIZES})")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per candidate per round (default 10)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; the median counts (default 5)")
+    parser.add_argument("--run-dir", type=Path, help="folder for the results (default runs/tune-<preset>-<date>-<time>)")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="write the tuned DeepSpeed JSON here (default RUN_DIR/ds_config_tuned.json)")
+    parser.add_argument("--wait", action="store_true", help="on Slurm, wait for the job and print its table")
+    args = parser.parse_args(argv)
+    try:
+        return launch(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def launch(args) -> int:
+    """Check everything, then submit the tuning job."""
+    if args.sweep:
+        raise ValueError("--sweep does not apply to tune_buckets: every candidate already runs in the one job")
+    try:
+        sizes = sorted({int(float(s)) for s in args.sizes.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r}: give bucket sizes in elements, e.g. 1000000,6553600") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--sizes {args.sizes!r}: give at least one bucket size of 1 element or more")
+    for flag, value in (("--steps", args.steps), ("--rounds", args.rounds)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    submit.check_slurm_args(args)
+    options = submit.sbatch_options(args)
+    cfg = submit.build_config(args, args.overrides)
+    plan = config.resolve(cfg)
+    model.check_arch(cfg.model.arch)
+    ds_config = load_ds_config(cfg, plan)
+    run_dir = (args.run_dir or Path("runs") / f"tune-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    write = args.write.resolve() if args.write else None
+    if write and not os.access(write.parent, os.W_OK):
+        raise PermissionError(f"--write {args.write}: cannot write into {write.parent}")
+    submit.check_paths(cfg, run_dir, args.assume_shared)
+    if (run_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass a new --run-dir")
+    executor = submit.make_executor(args, cfg, run_dir / "submitit", f"tune-{run_dir.name}", options)
+    submit.prepare_run_dir(run_dir, cfg, plan, ds_config)
+    print(plan.summary(cfg))
+    print(f"candidates: overlap off, buckets of {', '.join(f'{s:,}' for s in sizes)} elements; "
+          f"{args.steps} steps x {args.rounds} rounds each", flush=True)
+    job = executor.submit(TuneJob(run_dir, sizes, args.steps, args.rounds, write))
+    print(f"submitted job {job.job_id} ({executor.cluster}); results in {run_dir}", flush=True)
+    if executor.cluster == "slurm" and not args.wait:
+        print(f"when it ends, its table is in {shlex.quote(str(run_dir / 'submitit'))}/{job.job_id}_0_log.out")
+        return 0
+    try:
+        result = job.results()[0]
+    except submitit.core.utils.FailedJobError as err:
+        print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
+        return 1
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
