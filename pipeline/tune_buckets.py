@@ -56,7 +56,6 @@ def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Pat
     cfg, plan = config.load_run_config(run_dir)
     device = train.init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
-    g = cfg.cluster.gpus_per_node
     net = model.build(cfg.model).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -75,10 +74,12 @@ def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Pat
         for _ in range(count * cfg.train.grad_accum):
             marks = [time.perf_counter()]
             loss = torch.nn.functional.cross_entropy(engine(x), y)
-            _sync(device) if timed_phases else None
+            if timed_phases:
+                _sync(device)
             marks.append(time.perf_counter())
             engine.backward(loss)
-            _sync(device) if timed_phases else None
+            if timed_phases:
+                _sync(device)
             marks.append(time.perf_counter())
             engine.step()
             _sync(device)

@@ -199,3 +199,20 @@ def test_shards_array_script_on_slurm(slurm, image_tree, shard_dir, weird_root):
     assert "(0 shards written now)" in merged.stderr
     for split in ("train", "val"):
         assert json.loads((out / f"{split}.json").read_text()) == json.loads((shard_dir / f"{split}.json").read_text())
+
+
+def test_tune_buckets_on_two_nodes_measures_the_link_between_them(slurm, tmp_path):
+    """The tuner is a job like training: on 2 Slurm nodes it fits the link between nodes, which the dry run
+    of a bigger job then uses."""
+    run_dir = tmp_path / "tune"
+    result = subprocess.run([sys.executable, "-m", "pipeline.tune_buckets", "--cluster", "slurm", "--nodes", "2",
+                             "--gpus-per-node", "1", "--time", "10", "--assume-shared", "--run-dir", str(run_dir),
+                             "--sizes", "1000000", "--steps", "1", "--rounds", "1", "--wait"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "allreduce inter-node" in result.stdout and "<- best" in result.stdout
+    hardware = json.loads((run_dir / "hardware.json").read_text())
+    assert hardware["intra"] is None and hardware["inter"]["bandwidth_Bps"] > 0
+    dry = submit("--dry-run", "--nodes", "4", "--gpus-per-node", "1", "--hardware", str(run_dir / "hardware.json"))
+    assert dry.returncode == 0 and "predicted on measured-tune" in dry.stdout, dry.stdout + dry.stderr
