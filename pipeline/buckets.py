@@ -8,10 +8,14 @@ the backward pass and no config key changes the size. `zero_optimization.reduce_
     "zero_optimization": {"stage": 0, "overlap_comm": true, "reduce_bucket_size": 6000000}
 
 - Gradients are grouped into buckets of at least `reduce_bucket_size` elements (a larger parameter is a
-  bucket by itself), in reverse registration order: the order backward produces them.
+  bucket by itself), in reverse registration order: roughly the order backward produces them (a
+  parameter registered early but used late, like a ResNet block's downsample conv, holds its bucket and
+  every later one back until it is ready).
 - A post-accumulate-grad hook on each parameter counts it ready. When a bucket is complete, it and every
   complete bucket after it in order are flattened into one buffer and allreduced asynchronously. Buckets
-  always start in the same order on every rank, which collectives need.
+  always start in the same order on every rank, which collectives need. On GPU the hooks run on
+  autograd's device thread; buffers are filled there and read back on the main thread, both on the
+  device's default stream, which orders them.
 - Before the optimizer step (an optimizer step pre-hook, where DeepSpeed's step() reaches the optimizer),
   buckets still waiting are started, a parameter without a gradient getting zeros as DeepSpeed gives it,
   and every bucket is waited on and copied back into the gradients.
@@ -46,27 +50,40 @@ class BucketedAllreduce:
         self.engine = engine
         self.bucket_elements = bucket_elements
         self.dtype = engine.communication_data_type
+        if not isinstance(engine.optimizer, torch.optim.Optimizer):
+            raise ValueError(f"overlap_comm at stage 0 needs DeepSpeed to step a torch optimizer directly, but it "
+                             f"wraps it in {type(engine.optimizer).__name__}; set overlap_comm to false")
+        if engine.gradient_clipping() or getattr(engine, "torch_autocast_z0_gradscaler", None):
+            raise ValueError("overlap_comm at stage 0 reduces the gradients just before the optimizer step, after "
+                             "gradient clipping and fp16 loss unscaling would have seen them unreduced; turn "
+                             "those off or set overlap_comm to false")
         params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
         self.buckets: list[_Bucket] = []
         group: list[torch.nn.Parameter] = []
+        filled = 0
         for param in reversed(params):
             group.append(param)
-            if sum(p.numel() for p in group) >= bucket_elements:
+            filled += param.numel()
+            if filled >= bucket_elements:
                 self.buckets.append(_Bucket(group))
-                group = []
+                group, filled = [], 0
         if group:
             self.buckets.append(_Bucket(group))
         self.bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
         self.next = 0  # the first bucket not started yet
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
         self.handles.append(engine.optimizer.register_step_pre_hook(lambda *_: self.finish()))
-        engine.enable_backward_allreduce = False  # ours replaces DeepSpeed's post-backward allreduce
+        self.deepspeed_allreduce = engine.enable_backward_allreduce
+        engine.enable_backward_allreduce = False  # while attached, ours replaces DeepSpeed's post-backward allreduce
 
     def _ready(self, param: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: param.grad holds this backward's sum; start what is complete."""
         if not self.engine.is_gradient_accumulation_boundary():
             return
         bucket = self.bucket_of[param]
+        if bucket.work is not None:
+            raise RuntimeError("a second backward at one gradient-accumulation boundary: its gradients would miss "
+                               "the allreduce already started; call engine.step() after every engine.backward()")
         bucket.ready += 1
         while self.next < len(self.buckets) and self.buckets[self.next].ready == len(self.buckets[self.next].params):
             self._start(self.buckets[self.next])
@@ -80,7 +97,8 @@ class BucketedAllreduce:
         for param in bucket.params:
             if param.grad is None:  # no gradient this step: zeros, so that every rank sends the same size
                 param.grad = torch.zeros_like(param)
-            bucket.buffer[offset:offset + param.numel()].copy_(param.grad.view(-1))
+            # view_as/copy_, not view(-1): a channels_last conv weight has a non-contiguous gradient
+            bucket.buffer[offset:offset + param.numel()].view_as(param).copy_(param.grad)
             offset += param.numel()
         pre, _ = self._scales()
         if pre != 1.0:
@@ -109,7 +127,7 @@ class BucketedAllreduce:
                 bucket.buffer.mul_(post)
             offset = 0
             for param in bucket.params:
-                param.grad.view(-1).copy_(bucket.buffer[offset:offset + param.numel()])
+                param.grad.copy_(bucket.buffer[offset:offset + param.numel()].view_as(param))
                 offset += param.numel()
             bucket.ready, bucket.work = 0, None
         self.next = 0
@@ -118,7 +136,7 @@ class BucketedAllreduce:
         """Detach the hooks and give the allreduce back to DeepSpeed."""
         for handle in self.handles:
             handle.remove()
-        self.engine.enable_backward_allreduce = True
+        self.engine.enable_backward_allreduce = self.deepspeed_allreduce
 
 
 def attach(engine, ds_config: dict) -> BucketedAllreduce | None:

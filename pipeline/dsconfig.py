@@ -68,6 +68,9 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
         errors.append('bf16.enabled=true casts BatchNorm to bf16 and fails; use "torch_autocast": '
                       '{"enabled": true, "dtype": "bfloat16"} as in ds_configs/bf16.json')
     autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled", False) and autocast.get("dtype", "bfloat16") not in ("bfloat16", "bf16"):
+        errors.append(f"torch_autocast.dtype={autocast.get('dtype')!r}; fp16 autocast brings a loss scaler that "
+                      'skips steps, use "bfloat16"')
     autocast_bf16 = bool(autocast.get("enabled", False)) and autocast.get("dtype", "bfloat16") in ("bfloat16", "bf16")
     if autocast_bf16 != (cfg.train.precision == "bf16"):
         errors.append(f"torch_autocast={autocast} but train.precision={cfg.train.precision!r}; make them agree")

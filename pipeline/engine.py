@@ -48,12 +48,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -
     )
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict):
+def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict, channels_last: bool = False):
     """deepspeed.initialize with our SGD and schedule, and with our overlapped bucketed gradient allreduce
-    when the JSON asks for it (pipeline.buckets); torch.distributed must already be initialised."""
+    when the JSON asks for it (pipeline.buckets); torch.distributed must already be initialised.
+
+    channels_last (on GPU) is applied after DeepSpeed's start: its broadcast of the initial weights views
+    every parameter as bytes, which a channels_last conv weight (last stride != 1) refuses. The conversion
+    keeps the Parameter objects, so the optimizer still holds them.
+    """
     optimizer = build_optimizer(model, cfg, plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg, plan),
                                            config=ds_config, dist_init_required=False)
+    if channels_last:
+        engine.module.to(memory_format=torch.channels_last)
     buckets.attach(engine, ds_config)
     return engine

@@ -78,14 +78,19 @@ def load_hardware(name_or_path: str) -> Hardware:
     if not path.is_file():
         raise FileNotFoundError(f"--hardware {name_or_path}: neither a preset ({', '.join(PRESETS)}) nor a file; "
                                 "python -m pipeline.tune_buckets writes hardware.json into its run folder")
-    raw = json.loads(path.read_text())
     try:
+        raw = json.loads(path.read_text())
         for kind in ("intra", "inter"):
             raw[kind] = Link(**raw[kind]) if raw[kind] else None
-        return Hardware(**raw)
-    except (KeyError, TypeError) as err:
+        hw = Hardware(**raw)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a hardware profile ({err}); expected the fields "
                          f"{', '.join(f.name for f in dataclasses.fields(Hardware))}") from None
+    links_ok = all(link is None or (link.latency_s >= 0 and link.bandwidth_Bps > 0) for link in (hw.intra, hw.inter))
+    if not (links_ok and hw.gpus_per_node >= 1 and hw.micro_batch >= 1 and min(hw.forward_s, hw.backward_s, hw.update_s) >= 0):
+        raise ValueError(f"{path}: a latency, bandwidth, time or count out of range (bandwidths > 0, counts >= 1, "
+                         "times >= 0); measure it again with python -m pipeline.tune_buckets")
+    return hw
 
 
 def allreduce_s(nbytes: float, nodes: int, gpus_per_node: int, hw: Hardware, algorithm: str) -> float:
@@ -194,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         hw = load_hardware(args.hardware)
-        nodes = [int(n) for n in args.nodes.split(",")]
+        try:
+            nodes = [int(n) for n in args.nodes.split(",")]
+        except ValueError:
+            raise ValueError(f"--nodes {args.nodes!r}: give node counts, e.g. 1,2,4") from None
+        gpus_per_node = args.gpus_per_node or hw.gpus_per_node
+        micro_batch = args.micro_batch or hw.micro_batch
+        for flag, value in (("--nodes", min(nodes)), ("--gpus-per-node", gpus_per_node),
+                            ("--micro-batch", micro_batch), ("--grad-elements", args.grad_elements)):
+            if value < 1:
+                raise ValueError(f"{flag}: {value} is not a whole number of at least 1")
+        if args.bucket < 0:
+            raise ValueError(f"--bucket {args.bucket}: give elements, or 0 for no overlap")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    gpus_per_node = args.gpus_per_node or hw.gpus_per_node
-    micro_batch = args.micro_batch or hw.micro_batch
     print(f"{hw.name} ({hw.source}): {hw.arch}, {micro_batch} images/GPU, {args.grad_elements:,} gradient "
           f"elements, {args.algorithm}, " + (f"buckets of {args.bucket:,}" if args.bucket else "no overlap"))
     print(table(hw, args.grad_elements, nodes, gpus_per_node, micro_batch, args.bucket or None, args.algorithm))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import submitit
 
-from pipeline import config, demo, metrics, model, report, sbatch, scaling, shards, status
+from pipeline import buckets, config, demo, metrics, model, report, sbatch, scaling, shards, status
 from pipeline.dsconfig import load_ds_config
 from pipeline.job import TrainJob
 from pipeline.manifest import load_manifest
@@ -233,7 +233,7 @@ def prediction(hw: scaling.Hardware, cfg: config.Config, plan: config.Plan, ds_c
         return (f"no prediction: hardware {hw.name} has compute times for {hw.arch}, not {cfg.model.arch}; measure "
                 "yours with python -m pipeline.tune_buckets and pass --hardware RUN_DIR/hardware.json")
     zero = ds_config["zero_optimization"]
-    bucket = int(zero.get("reduce_bucket_size", 500_000_000)) if zero.get("overlap_comm", False) else None
+    bucket = int(zero.get("reduce_bucket_size", buckets.DEEPSPEED_BUCKET)) if zero.get("overlap_comm", False) else None
     wire = 2 if str(ds_config.get("communication_data_type", "fp32")) in ("bf16", "fp16") else 4
     c = cfg.cluster
     try:

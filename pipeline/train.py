@@ -111,7 +111,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
         loss = torch.nn.functional.cross_entropy(engine(model_input(batch.images, cfg, device)), labels)
-        engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (inside DeepSpeed)
+        engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (pipeline.buckets or DeepSpeed)
         lr = engine.get_lr()[0]
         before = engine.global_steps
         engine.step()
@@ -175,10 +175,8 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
                              f"{planned}; the shards changed after submission: restore them or start a new run")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = model.build(cfg.model).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    engine = build_engine(net, cfg, plan, ds_config)
+    engine = build_engine(net, cfg, plan, ds_config, channels_last=device.type == "cuda")
     config_dict = to_dict(cfg)
 
     def save_checkpoint(tag: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shlex
 import statistics
@@ -57,12 +58,10 @@ def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Pat
     device = train.init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     net = model.build(cfg.model).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     plain = copy.deepcopy(ds_config)
     plain["zero_optimization"]["overlap_comm"] = False
-    engine = build_engine(net, cfg, plan, plain)  # DeepSpeed's own allreduce; ours attached per candidate
+    engine = build_engine(net, cfg, plan, plain, channels_last=device.type == "cuda")  # ours attached per candidate
     gen = torch.Generator().manual_seed(rank)
     side = cfg.data.image_size
     images = torch.randint(0, 256, (cfg.train.micro_batch, side, side, 3), dtype=torch.uint8, generator=gen)
@@ -117,23 +116,24 @@ def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Pat
     micro_steps = steps * cfg.train.grad_accum
     compute = {"forward": phases["forward"] / micro_steps, "backward": phases["backward"] / micro_steps,
                "update": phases["update"] / steps}  # the optimizer steps once per accumulation window
-    links = _measure_links(cfg, device, engine)
+    grad_elements = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    links = _measure_links(cfg, device, grad_elements)
     if rank != 0:
         return {}
     median = {name: statistics.median(s) for name, s in seconds.items()}
     best = min(median, key=median.get)
     result = {"candidates_s": seconds, "median_step_s": median, "best": best, "compute_s": compute,
-              "links": links, "world_size": world, "grad_elements": sum(p.numel() for p in net.parameters()
-                                                                         if p.requires_grad)}
+              "links": links, "world_size": world, "grad_elements": grad_elements}
     result["table"] = _write(run_dir, cfg, ds_config, result, write or run_dir / "ds_config_tuned.json")
     print(result["table"], flush=True)
     return result
 
 
-def _measure_links(cfg, device, engine) -> dict:
+def _measure_links(cfg, device, grad_elements: int) -> dict:
     """alpha and beta fitted to allreduces of 64 KiB .. the gradient size, inside a node (its g ranks)
-    and between nodes (one rank per node), as scaling.allreduce_s models them; None where there is
-    only one rank to talk to."""
+    and between nodes (one rank per node), with the samples; None where there is only one rank to talk
+    to. The fit counts ring steps, 2 (members - 1): which algorithm the backend picks is not known here;
+    for 2 members the ring and halving/doubling take the same 2 steps."""
     import torch
     import torch.distributed as dist
 
@@ -142,7 +142,6 @@ def _measure_links(cfg, device, engine) -> dict:
     # new_group is collective: every rank creates every group, in the same order.
     node_groups = [dist.new_group(list(range(n * g, (n + 1) * g))) for n in range(nodes)]
     leaders = dist.new_group(list(range(0, nodes * g, g)))
-    grad_elements = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     counts = sorted({min(grad_elements, 4**k * 16384) for k in range(8)})
     links = {}
     for kind, members, group in (("intra", g, node_groups[rank // g]), ("inter", nodes, leaders)):
@@ -164,7 +163,10 @@ def _measure_links(cfg, device, engine) -> dict:
             nbytes = count * buffer.element_size()
             steps = 2 * (members - 1)
             samples.append((steps, 2 * (members - 1) / members * nbytes, statistics.median(times[1:])))
-        links[kind] = {**dataclasses.asdict(scaling.fit_link(samples)), "samples": samples}
+        try:
+            links[kind] = {**dataclasses.asdict(scaling.fit_link(samples)), "samples": samples}
+        except ValueError as err:  # noise swamped the sizes: keep the samples, predict nothing from them
+            links[kind] = {"error": str(err), "samples": samples}
     return links
 
 
@@ -181,8 +183,8 @@ def _write(run_dir: Path, cfg, ds_config: dict, result: dict, target: Path) -> s
         tuned.pop(key, None)  # filled from the config at submission, like the shipped JSONs
     target.write_text(json.dumps(tuned, indent=2) + "\n")
     links = result["links"]
-    link = {kind: (scaling.Link(links[kind]["latency_s"], links[kind]["bandwidth_Bps"]) if links[kind] else None)
-            for kind in ("intra", "inter")}
+    link = {kind: (scaling.Link(value["latency_s"], value["bandwidth_Bps"]) if value and "latency_s" in value else None)
+            for kind, value in links.items()}
     hardware = scaling.Hardware(
         name=f"measured-{run_dir.name}", source=f"python -m pipeline.tune_buckets, {run_dir}",
         gpus_per_node=cfg.cluster.gpus_per_node, intra=link["intra"], inter=link["inter"], arch=cfg.model.arch,
@@ -198,7 +200,9 @@ def _write(run_dir: Path, cfg, ds_config: dict, result: dict, target: Path) -> s
     lines.append(f"compute without communication: forward {compute['forward'] * 1e3:.1f} ms, backward "
                  f"{compute['backward'] * 1e3:.1f} ms, update {compute['update'] * 1e3:.1f} ms")
     for kind, value in links.items():
-        if value:
+        if value and "error" in value:
+            lines.append(f"allreduce {kind}-node: no fit ({value['error']}); hardware.json leaves it out")
+        elif value:
             lines.append(f"allreduce {kind}-node: latency {value['latency_s'] * 1e6:.0f} us, "
                          f"bandwidth {value['bandwidth_Bps'] / 1e9:.2f} GB/s")
     _plot(run_dir / "tune.png", median, cfg)
@@ -251,9 +255,13 @@ def launch(args) -> int:
     if args.sweep:
         raise ValueError("--sweep does not apply to tune_buckets: every candidate already runs in the one job")
     try:
-        sizes = sorted({int(float(s)) for s in args.sizes.split(",") if s.strip()})
+        values = [float(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--sizes {args.sizes!r}: give bucket sizes in elements, e.g. 1000000,6553600") from None
+        values = [math.nan]
+    if not all(math.isfinite(v) and v == int(v) for v in values):
+        raise ValueError(f"--sizes {args.sizes!r}: give bucket sizes in elements as whole numbers, "
+                         "e.g. 1000000,6553600 or 1e6")
+    sizes = sorted({int(v) for v in values})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"--sizes {args.sizes!r}: give at least one bucket size of 1 element or more")
     for flag, value in (("--steps", args.steps), ("--rounds", args.rounds)):

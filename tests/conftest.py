@@ -59,11 +59,16 @@ def shard_dir(image_tree, weird_root) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def free_port() -> int:
+def pick_port() -> int:
+    """A TCP port nobody listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> int:
+    return pick_port()
 
 
 def truncate_sample(shard: Path, index: int, keep: int) -> str:

@@ -2,13 +2,13 @@
 DeepSpeed engines in real processes (gloo)."""
 
 import os
-import socket
 
 import deepspeed
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import pick_port
 from pipeline import buckets
 
 MICRO = 4
@@ -17,8 +17,9 @@ SIZES = (1, 37, 500, 10**9)
 
 
 class Odd(torch.nn.Module):
-    """Parameter sizes that divide no bucket size; `sometimes` gets a gradient only on rank 1 and on odd
-    micro-steps, `never` gets none, `frozen` needs none. Registered first, those two come last in backward
+    """Parameter sizes that divide no bucket size; `sometimes` gets a gradient on rank 1 at odd micro-steps
+    and on rank 0 only at every 4th micro-step (with accumulation: never at a boundary), `never` gets
+    none, `frozen` needs none. In channels_last, as on GPU: conv weight gradients are not contiguous. Registered first, those two come last in backward
     order, so the buckets before them can start during backward."""
 
     def __init__(self):
@@ -41,13 +42,7 @@ class Odd(torch.nn.Module):
         return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_engine(accum: int, world: int, comm: str, overlap: bool = False, bucket: int = 0):
+def make_engine(accum: int, world: int, comm: str, overlap: bool = False, bucket: int = 0, average: bool = True):
     torch.manual_seed(0)
     net = Odd()
     zero = {"stage": 0, "overlap_comm": overlap, **({"reduce_bucket_size": bucket} if bucket else {})}
@@ -56,6 +51,8 @@ def make_engine(accum: int, world: int, comm: str, overlap: bool = False, bucket
                  "zero_optimization": zero, "communication_data_type": comm, "steps_per_print": 10**6}
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the weights stay, every mode sees the same
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config, dist_init_required=False)
+    engine.gradient_average = average  # False: a sum, so that a second reduction would show
+    engine.module.to(memory_format=torch.channels_last)  # after DeepSpeed's start, as engine.build_engine does
     return engine, buckets.attach(engine, ds_config)
 
 
@@ -71,7 +68,8 @@ def reduced_gradients(engine, reducer, rank: int, accum: int) -> tuple[list[torc
     for micro in range(2 * accum):
         gen = torch.Generator().manual_seed(100 * rank + micro)
         x, y = torch.randn(MICRO, 3, 9, 9, generator=gen), torch.randint(0, 7, (MICRO,), generator=gen)
-        engine.module.use_sometimes = rank == 1 and micro % 2 == 1
+        x = x.contiguous(memory_format=torch.channels_last)
+        engine.module.use_sometimes = (rank == 1 and micro % 2 == 1) or (rank == 0 and micro % 4 == 0)
         engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
         engine.step()
     handle.remove()
@@ -95,13 +93,17 @@ def rank_main(rank, world, port, out_dir):
                     engine, reducer, rank, accum)
                 results[(size, "buckets")] = len(reducer.buckets)
                 reducer.remove()
+                assert engine.enable_backward_allreduce  # DeepSpeed's own is back
+    for mode, overlap in (("deepspeed", False), (SIZES[1], True)):
+        engine, _ = make_engine(1, world, "fp32", overlap=overlap, bucket=SIZES[1], average=False)
+        results[("sum", mode)], _ = reduced_gradients(engine, None, rank, 1)
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def gradients(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"buckets{request.param}")
-    mp.start_processes(rank_main, args=(request.param, free_port(), out), nprocs=request.param, start_method="spawn")
+    mp.start_processes(rank_main, args=(request.param, pick_port(), out), nprocs=request.param, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
 
 
@@ -125,6 +127,12 @@ def test_bucketed_gradients_equal_deepspeeds_own(gradients, accum, size):
         assert max_difference(rank_results[(accum, "fp32", size)], theirs) <= 1e-6
     # and the reduction happened: every rank holds the same averaged gradients
     assert max_difference(gradients[0][(accum, "fp32", size)], gradients[-1][(accum, "fp32", size)]) == 0
+
+
+def test_gradients_are_reduced_once(gradients):
+    """Summed instead of averaged (engine.gradient_average off), a second reduction would multiply them."""
+    for rank_results in gradients:
+        assert max_difference(rank_results[("sum", SIZES[1])], rank_results[("sum", "deepspeed")]) <= 1e-6
 
 
 def test_buckets_start_during_backward(gradients):
@@ -154,3 +162,21 @@ def test_bf16_on_the_wire_like_deepspeeds(gradients, accum):
         ours, theirs = rank_results[(accum, "bf16", SIZES[1])], rank_results[(accum, "bf16", "deepspeed")]
         for result in (ours, theirs):
             assert 2**-12 < bf16_error(result, exact) <= 2**-7
+
+
+def test_configurations_that_would_see_unreduced_gradients_are_refused(tmp_path):
+    mp.start_processes(refusal_main, args=(pick_port(), tmp_path), nprocs=1, start_method="spawn")
+    assert (tmp_path / "refused").read_text().startswith("overlap_comm at stage 0 reduces the gradients")
+
+
+def refusal_main(rank, port, out_dir):
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    net = Odd()
+    ds_config = {"train_batch_size": MICRO, "gradient_clipping": 1.0, "steps_per_print": 10**6,
+                 "zero_optimization": {"stage": 0, "overlap_comm": True}}
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                           config=ds_config, dist_init_required=False)
+    with pytest.raises(ValueError) as err:
+        buckets.attach(engine, ds_config)
+    (out_dir / "refused").write_text(str(err.value))

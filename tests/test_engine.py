@@ -49,6 +49,7 @@ def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     ({"fp16": {"enabled": True}}, "fp16"),
     ({"bf16": {"enabled": True}}, "casts BatchNorm to bf16"),
     ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "train.precision='fp32'"),
+    ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "torch_autocast.dtype='float16'"),
     ({"zero_optimization": {"overlap_comm": "yes"}}, "overlap_comm='yes'"),
     ({"zero_optimization": {"reduce_bucket_size": 0}}, "reduce_bucket_size=0"),
     ({"zero_optimization": {"reduce_bucket_size": 2.5}}, "reduce_bucket_size=2.5"),

@@ -85,6 +85,23 @@ def test_hardware_files_round_trip_and_say_what_is_missing(tmp_path):
     path.write_text(json.dumps({"name": "x"}))
     with pytest.raises(ValueError, match="not a hardware profile"):
         scaling.load_hardware(str(path))
+    path.write_text("{")
+    with pytest.raises(ValueError, match="hardware.json: not a hardware profile"):
+        scaling.load_hardware(str(path))
+    path.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(one_node, intra=scaling.Link(1e-5, 0.0)))))
+    with pytest.raises(ValueError, match="out of range"):
+        scaling.load_hardware(str(path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "0,2"], "--nodes: 0 is not a whole number"),
+    (["--nodes", "four"], "--nodes 'four': give node counts"),
+    (["--micro-batch", "-1"], "--micro-batch: -1"),
+    (["--bucket", "-5"], "--bucket -5"),
+])
+def test_cli_refuses_bad_numbers(flags, message, capsys):
+    assert scaling.main(flags) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_table(capsys):
