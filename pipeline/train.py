@@ -111,7 +111,9 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
         loss = torch.nn.functional.cross_entropy(engine(model_input(batch.images, cfg, device)), labels)
-        engine.backward(loss)  # all_reduce of gradients at the accumulation boundary (pipeline.buckets or DeepSpeed)
+        # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
+        # optimizer step (pipeline.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
+        engine.backward(loss)
         lr = engine.get_lr()[0]
         before = engine.global_steps
         engine.step()

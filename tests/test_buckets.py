@@ -180,3 +180,32 @@ def refusal_main(rank, port, out_dir):
     with pytest.raises(ValueError) as err:
         buckets.attach(engine, ds_config)
     (out_dir / "refused").write_text(str(err.value))
+
+
+def test_engine_in_channels_last_starts_on_several_ranks(tmp_path):
+    """GPU runs train channels_last: build_engine converts after DeepSpeed's start, whose broadcast of the
+    initial weights refuses channels_last conv weights; then one step reduces through the buckets."""
+    mp.start_processes(channels_last_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
+    grads = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert max_difference(grads[0], grads[1]) == 0
+
+
+def channels_last_main(rank, port, out_dir):
+    from pipeline import config, dsconfig, engine, model, train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), ["train.micro_batch=4"])
+    plan = config.resolve(cfg)
+    train.init_distributed(cfg)
+    torch.manual_seed(0)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
+                                    channels_last=True)
+    assert ds_engine.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    ds_engine.optimizer.register_step_pre_hook(lambda *_: seen.extend(p.grad.clone() for p in ds_engine.parameters()))
+    x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(rank)).contiguous(
+        memory_format=torch.channels_last)
+    ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), torch.tensor([0, 1, 2, 3])))
+    ds_engine.step()
+    torch.save(seen, out_dir / f"rank{rank}.pt")
