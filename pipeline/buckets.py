@@ -48,7 +48,6 @@ class BucketedAllreduce:
         if bucket_elements < 1:
             raise ValueError(f"zero_optimization.reduce_bucket_size={bucket_elements}; it must be at least 1 element")
         self.engine = engine
-        self.bucket_elements = bucket_elements
         self.dtype = engine.communication_data_type
         if not isinstance(engine.optimizer, torch.optim.Optimizer):
             raise ValueError(f"overlap_comm at stage 0 needs DeepSpeed to step a torch optimizer directly, but it "
