@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,12 @@ def shard_dir(image_tree, weird_root) -> Path:
     out = weird_root / "shards"
     shards.convert(image_tree, out, shard_samples=25)
     return out
+
+
+def run_module(module: str, *args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python -m module args... in a child process, output captured, Python's warnings silenced."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def pick_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL
+from conftest import SMALL, run_module
 from pipeline import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +41,7 @@ def slurm(tmp_path_factory):
 
 
 def submit(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pipeline.submit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_module("pipeline.submit", *args, timeout=timeout, cwd=ROOT)
 
 
 def in_queue(job: str) -> bool:
@@ -205,11 +204,9 @@ def test_tune_buckets_on_two_nodes_measures_the_link_between_them(slurm, tmp_pat
     """The tuner is a job like training: on 2 Slurm nodes it fits the link between nodes, which the dry run
     of a bigger job then uses."""
     run_dir = tmp_path / "tune"
-    result = subprocess.run([sys.executable, "-m", "pipeline.tune_buckets", "--cluster", "slurm", "--nodes", "2",
-                             "--gpus-per-node", "1", "--time", "10", "--assume-shared", "--run-dir", str(run_dir),
-                             "--sizes", "1000000", "--steps", "1", "--rounds", "1", "--wait"],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = run_module("pipeline.tune_buckets", "--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "1",
+                        "--time", "10", "--assume-shared", "--run-dir", str(run_dir), "--sizes", "1000000",
+                        "--steps", "1", "--rounds", "1", "--wait", cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "allreduce inter-node" in result.stdout and "<- best" in result.stdout
     hardware = json.loads((run_dir / "hardware.json").read_text())

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, truncate_sample
+from conftest import SMALL, run_module, truncate_sample
 from pipeline import config, metrics, schedule
 
 
 def submit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipeline.submit", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_module("pipeline.submit", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

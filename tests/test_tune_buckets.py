@@ -1,18 +1,11 @@
 """python -m pipeline.tune_buckets as a job through the launcher (submitit's local executor, 2 gloo ranks)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_module
 from pipeline import config, dsconfig, scaling
-
-
-def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(weird_root):
