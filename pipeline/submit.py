@@ -93,15 +93,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace, overrides: list[str]) -> config.Config:
-    """Preset, then the cluster flags, then key=value overrides."""
+def resolve_job(args: argparse.Namespace, overrides: list[str]) -> tuple[config.Config, config.Plan, dict]:
+    """The config (preset, then the cluster flags, then key=value overrides), its plan and the reconciled
+    DeepSpeed JSON; raises on anything that cannot run."""
     cfg = config.preset(args.preset)
     cluster = {k: v for k, v in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node),
                                  ("cpus_per_task", args.cpus_per_task)) if v is not None}
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **cluster))
     cfg = config.apply_overrides(cfg, overrides)
     # The ranks may start elsewhere: make the shard folder absolute once, here.
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+    plan = config.resolve(cfg)
+    model.check_arch(cfg.model.arch)
+    return cfg, plan, load_ds_config(cfg, plan)
 
 
 def check_shards(cfg: config.Config) -> None:
@@ -327,10 +331,7 @@ def launch(args: argparse.Namespace) -> int:
         raise ValueError("--sweep submits a job array through submitit; --emit-sbatch renders one run")
     runs = []  # (run folder, config, plan, DeepSpeed config)
     for folder, overrides in sweep or [(None, args.overrides)]:
-        cfg = build_config(args, overrides)
-        plan = config.resolve(cfg)
-        model.check_arch(cfg.model.arch)
-        runs.append((run_dir / folder if folder else run_dir, cfg, plan, load_ds_config(cfg, plan)))
+        runs.append((run_dir / folder if folder else run_dir, *resolve_job(args, overrides)))
     if args.dry_run and args.json:
         plans = [{"run_dir": str(d), "config": config.to_dict(c), "plan": dataclasses.asdict(p), "ds_config": ds}
                  for d, c, p, ds in runs]

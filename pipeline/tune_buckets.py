@@ -32,7 +32,6 @@ from pathlib import Path
 import submitit
 
 from pipeline import config, model, scaling, submit
-from pipeline.dsconfig import load_ds_config
 from pipeline.job import TuneJob
 
 DEFAULT_SIZES = "1000000,2000000,6553600,13107200,26214400,100000000"
@@ -269,10 +268,7 @@ def launch(args) -> int:
             raise ValueError(f"{flag} {value} must be at least 1")
     submit.check_slurm_args(args)
     options = submit.sbatch_options(args)
-    cfg = submit.build_config(args, args.overrides)
-    plan = config.resolve(cfg)
-    model.check_arch(cfg.model.arch)
-    ds_config = load_ds_config(cfg, plan)
+    cfg, plan, ds_config = submit.resolve_job(args, args.overrides)
     run_dir = (args.run_dir or Path("runs") / f"tune-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     write = args.write.resolve() if args.write else None
     if write and not os.access(write.parent, os.W_OK):
