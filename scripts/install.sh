@@ -33,6 +33,18 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
 
+# The environment takes ~5.6 GiB (torch's CUDA build and its NVIDIA libraries; the measured peak while
+# installing is the same). Refuse before pip starts rather than leave a half-written one on a full disk.
+need_gib=7
+target="$venv"
+while [[ ! -d "$target" ]]; do target="$(dirname "$target")"; done
+free_kib="$(df -Pk "$target" | awk 'NR == 2 {print $4}')"
+if ((free_kib < need_gib * 1024 * 1024)); then
+  echo "install: the Python environment needs about $need_gib GiB free, but the filesystem of $target has" \
+       "$((free_kib / 1024 / 1024)) GiB. Free space there, or set PIPELINE_VENV to a directory on a larger" \
+       "filesystem." >&2
+  exit 1
+fi
 echo "install: Python environment in $venv (first run takes about two minutes)" >&2
 [[ -x "$venv/bin/python" ]] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
