@@ -80,58 +80,59 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="loader-bench-"))
-    src = photos.source_tree(args, work)
-    shards.convert(src, work / "shards")
-    manifest = load_manifest(work / "shards", "train")
-    files = sorted((src / "train").rglob("*.JPEG"))
-    blobs = [f.read_bytes() for f in files]
-    sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
-    n = manifest.num_samples
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        work = Path(tmp)
+        src = photos.source_tree(args, work)
+        shards.convert(src, work / "shards")
+        manifest = load_manifest(work / "shards", "train")
+        files = sorted((src / "train").rglob("*.JPEG"))
+        blobs = [f.read_bytes() for f in files]
+        sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
+        n = manifest.num_samples
 
-    cfg = DataConfig(shards=str(work / "shards"), workers=0)
-    stream = data.TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
-    stream.set_epoch(0)
-    loader_cfg = dataclasses.replace(cfg, workers=args.workers)
-    loader_stream = data.TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
-    loader_stream.set_epoch(0)
-    loader = data.loader(loader_stream, loader_cfg, pin_memory=False)
-    folder = torchvision.datasets.ImageFolder(str(src / "train"), transform=T.Compose([
-        T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
-        T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]))
-    pipelines = {
-        "bare_decode_pil": (lambda: bare_pil(blobs), len(blobs)),
-        "bare_decode_torchvision": (lambda: bare_torchvision(blobs), len(blobs)),
-        "imagefolder_pil": (lambda: imagefolder(folder), len(folder)),
-        "ours": (lambda: ours(stream), n // 32 * 32),
-        "ours_no_draft": (lambda: ours_no_draft(stream), n // 32 * 32),
-        f"ours_dataloader_{args.workers}_workers": (lambda: ours_loader(loader), n // 32 * 32),
-    }
-    ours_loader(loader)  # start the workers and warm the page cache before timing
-    seconds = interleaved_rounds({name: run for name, (run, _) in pipelines.items()}, args.rounds)
-    runs = {name: [count / s for s in seconds[name]] for name, (_, count) in pipelines.items()}
-    median = {name: statistics.median(v) for name, v in runs.items()}
-    bare = max(median["bare_decode_pil"], median["bare_decode_torchvision"])
-    result = {
-        "images": n,
-        "mean_pixels": sum(w * h for w, h in sizes) / len(sizes),
-        "mean_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
-        "cpu_count": os.cpu_count(),
-        "rounds": args.rounds,
-        "img_s_median": median,
-        "img_s_runs": runs,
-        "ours_vs_imagefolder": median["ours"] / median["imagefolder_pil"],
-        "ours_vs_bare_decode": median["ours"] / bare,  # against the faster decoder
-        "ours_vs_bare_decode_pil": median["ours"] / median["bare_decode_pil"],
-        "draft_speedup": median["ours"] / median["ours_no_draft"],
-    }
-    print(f"\n{n} images, mean {result['mean_pixels'] / 1e3:.0f} kpixel, {result['mean_kb']:.0f} KB; "
-          "images/s on one core (median of rounds):")
-    for name, value in median.items():
-        print(f"  {name:34s} {value:8.0f}")
-    print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2); ours / bare decode = "
-          f"{result['ours_vs_bare_decode']:.2f} of the faster decoder, {result['ours_vs_bare_decode_pil']:.2f} "
-          f"of PIL's (goal >= 0.8); reduced-size decoding speed-up = {result['draft_speedup']:.2f}x")
+        cfg = DataConfig(shards=str(work / "shards"), workers=0)
+        stream = data.TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
+        stream.set_epoch(0)
+        loader_cfg = dataclasses.replace(cfg, workers=args.workers)
+        loader_stream = data.TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
+        loader_stream.set_epoch(0)
+        loader = data.loader(loader_stream, loader_cfg, pin_memory=False)
+        folder = torchvision.datasets.ImageFolder(str(src / "train"), transform=T.Compose([
+            T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
+            T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]))
+        pipelines = {
+            "bare_decode_pil": (lambda: bare_pil(blobs), len(blobs)),
+            "bare_decode_torchvision": (lambda: bare_torchvision(blobs), len(blobs)),
+            "imagefolder_pil": (lambda: imagefolder(folder), len(folder)),
+            "ours": (lambda: ours(stream), n // 32 * 32),
+            "ours_no_draft": (lambda: ours_no_draft(stream), n // 32 * 32),
+            f"ours_dataloader_{args.workers}_workers": (lambda: ours_loader(loader), n // 32 * 32),
+        }
+        ours_loader(loader)  # start the workers and warm the page cache before timing
+        seconds = interleaved_rounds({name: run for name, (run, _) in pipelines.items()}, args.rounds)
+        runs = {name: [count / s for s in seconds[name]] for name, (_, count) in pipelines.items()}
+        median = {name: statistics.median(v) for name, v in runs.items()}
+        bare = max(median["bare_decode_pil"], median["bare_decode_torchvision"])
+        result = {
+            "images": n,
+            "mean_pixels": sum(w * h for w, h in sizes) / len(sizes),
+            "mean_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
+            "cpu_count": os.cpu_count(),
+            "rounds": args.rounds,
+            "img_s_median": median,
+            "img_s_runs": runs,
+            "ours_vs_imagefolder": median["ours"] / median["imagefolder_pil"],
+            "ours_vs_bare_decode": median["ours"] / bare,  # against the faster decoder
+            "ours_vs_bare_decode_pil": median["ours"] / median["bare_decode_pil"],
+            "draft_speedup": median["ours"] / median["ours_no_draft"],
+        }
+        print(f"\n{n} images, mean {result['mean_pixels'] / 1e3:.0f} kpixel, {result['mean_kb']:.0f} KB; "
+              "images/s on one core (median of rounds):")
+        for name, value in median.items():
+            print(f"  {name:34s} {value:8.0f}")
+        print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2); ours / bare decode = "
+              f"{result['ours_vs_bare_decode']:.2f} of the faster decoder, {result['ours_vs_bare_decode_pil']:.2f} "
+              f"of PIL's (goal >= 0.8); reduced-size decoding speed-up = {result['draft_speedup']:.2f}x")
     write_result(args.out, result)
 
 

@@ -8,8 +8,9 @@ times (forward, backward, update); the 2- and 3-rank runs give the allreduce tim
 latency and one bandwidth are fitted (pipeline.scaling.fit_link). The model then predicts the 2- and
 3-rank step times, overlapped buckets and overlap off, and the table shows how far that is from what the
 same runs measured; a second column predicts with each run's own compute times instead of the 1-rank
-ones, which separates the cost of ranks sharing cores from the error of the communication model. On a machine with fewer cores than ranks x threads the ranks share cores, which
-the model does not know about. Writes JSON to --out.
+ones, which separates the cost of ranks sharing cores from the error of the communication model. On a
+machine with fewer cores than ranks x threads the ranks share cores, which the model does not know about.
+Writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def tune(ranks: int, args: argparse.Namespace, run_dir: Path) -> dict:
     subprocess.run([sys.executable, "-m", "pipeline.tune_buckets", "--cluster", "local", "--gpus-per-node", str(ranks),
                     "--cpus-per-task", "1", "--run-dir", str(run_dir), "--sizes", str(args.bucket),
                     "--steps", str(args.steps), "--rounds", str(args.rounds), "model.arch=resnet50",
-                    "model.num_classes=1000", f"data.image_size={args.image}", f"data.eval_resize={args.image}", f"train.micro_batch={args.micro_batch}"],
+                    "model.num_classes=1000", f"data.image_size={args.image}", f"data.eval_resize={args.image}",
+                    f"train.micro_batch={args.micro_batch}"],
                    check=True)
     return json.loads((run_dir / "tune.json").read_text())
 

@@ -44,38 +44,40 @@ def main() -> None:
                         help="images per shard (default 250: enough shards to keep 2 workers busy)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/shards.json"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="shards-bench-"))
-    src = photos.source_tree(args, work)
-    files = [p for p in src.rglob("*") if p.is_file()]
-    count, size = len(files), sum(p.stat().st_size for p in files)
+    with tempfile.TemporaryDirectory(prefix="shards-bench-") as tmp:
+        work = Path(tmp)
+        src = photos.source_tree(args, work)
+        files = [p for p in src.rglob("*") if p.is_file()]
+        count, size = len(files), sum(p.stat().st_size for p in files)
 
-    def convert(workers: int) -> None:
-        shutil.rmtree(work / "out", ignore_errors=True)
-        shards.convert(src, work / "out", shard_samples=args.shard_samples, workers=workers)
+        def convert(workers: int) -> None:
+            shutil.rmtree(work / "out", ignore_errors=True)
+            shards.convert(src, work / "out", shard_samples=args.shard_samples, workers=workers)
 
-    def tar() -> None:
-        subprocess.run(["tar", "cf", str(work / "out.tar"), "-C", str(src), "."], check=True)
+        def tar() -> None:
+            subprocess.run(["tar", "cf", str(work / "out.tar"), "-C", str(src), "."], check=True)
 
-    runs = {"tar": tar, "convert_1_worker": quiet(lambda: convert(1)), "convert_2_workers": quiet(lambda: convert(2))}
-    tar()  # warm the page cache
-    seconds = interleaved_rounds(runs, args.rounds)
-    median = {name: statistics.median(v) for name, v in seconds.items()}
-    result = {
-        "images": count,
-        "mb": size / 1e6,
-        "cpu_count": os.cpu_count(),
-        "rounds": args.rounds,
-        "seconds_runs": seconds,
-        "img_s": {name: count / s for name, s in median.items()},
-        "mb_s": {name: size / 1e6 / s for name, s in median.items()},
-        "convert_vs_tar": median["tar"] / median["convert_1_worker"],
-        "workers_2_speedup": median["convert_1_worker"] / median["convert_2_workers"],
-    }
-    print(f"\n{count} images, {size / 1e6:.0f} MB (median of {args.rounds} rounds):")
-    for name in runs:
-        print(f"  {name:20s} {result['img_s'][name]:8.0f} img/s {result['mb_s'][name]:8.1f} MB/s")
-    print(f"conversion / tar = {result['convert_vs_tar']:.3f} (goal >= 0.9); "
-          f"--workers 2 speed-up = {result['workers_2_speedup']:.2f}x")
+        runs = {"tar": tar, "convert_1_worker": quiet(lambda: convert(1)),
+                "convert_2_workers": quiet(lambda: convert(2))}
+        tar()  # warm the page cache
+        seconds = interleaved_rounds(runs, args.rounds)
+        median = {name: statistics.median(v) for name, v in seconds.items()}
+        result = {
+            "images": count,
+            "mb": size / 1e6,
+            "cpu_count": os.cpu_count(),
+            "rounds": args.rounds,
+            "seconds_runs": seconds,
+            "img_s": {name: count / s for name, s in median.items()},
+            "mb_s": {name: size / 1e6 / s for name, s in median.items()},
+            "convert_vs_tar": median["tar"] / median["convert_1_worker"],
+            "workers_2_speedup": median["convert_1_worker"] / median["convert_2_workers"],
+        }
+        print(f"\n{count} images, {size / 1e6:.0f} MB (median of {args.rounds} rounds):")
+        for name in runs:
+            print(f"  {name:20s} {result['img_s'][name]:8.0f} img/s {result['mb_s'][name]:8.1f} MB/s")
+        print(f"conversion / tar = {result['convert_vs_tar']:.3f} (goal >= 0.9); "
+              f"--workers 2 speed-up = {result['workers_2_speedup']:.2f}x")
     write_result(args.out, result)
 
 
