@@ -19,7 +19,12 @@ the backward pass and no config key changes the size. `zero_optimization.reduce_
 - Before the optimizer step (an optimizer step pre-hook, where DeepSpeed's step() reaches the optimizer),
   buckets still waiting are started, a parameter without a gradient getting zeros as DeepSpeed gives it,
   and every bucket is waited on and copied back into the gradients.
-- Only on gradient-accumulation boundaries; in between, gradients accumulate locally as in DeepSpeed.
+- Only on gradient-accumulation boundaries and outside `engine.no_sync()`; otherwise gradients accumulate
+  locally, as in DeepSpeed.
+- What a bucket sends is each gradient as backward left it. Changing gradients between backward and
+  step (clipping or masking by hand), freezing or unfreezing parameters after the engine is built, and
+  reentrant activation checkpointing (which accumulates a parameter's gradient twice in one backward)
+  would all be lost silently; each raises an error that names the parameter instead.
 - Averaging and wire type are DeepSpeed's: `communication_data_type` (bf16 halves the bytes), and
   `prescale_gradients` / `gradient_predivide_factor` (engine.allreduce_bucket).
 """
@@ -36,9 +41,10 @@ class _Bucket:
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.ready = 0
+        self.ready: set[int] = set()  # ids of the parameters whose gradient is final at this boundary
         self.buffer: torch.Tensor | None = None
         self.work: dist.Work | None = None
+        self.versions: list[int] = []  # each gradient's version when it went into the buffer
 
 
 class BucketedAllreduce:
@@ -56,7 +62,8 @@ class BucketedAllreduce:
             raise ValueError("overlap_comm at stage 0 reduces the gradients just before the optimizer step, after "
                              "gradient clipping and fp16 loss unscaling would have seen them unreduced; turn "
                              "those off or set overlap_comm to false")
-        params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
+        params = self._trainable()
+        self.names = {id(p): name for name, p in engine.module.named_parameters()}
         self.buckets: list[_Bucket] = []
         group: list[torch.nn.Parameter] = []
         filled = 0
@@ -75,17 +82,28 @@ class BucketedAllreduce:
         self.deepspeed_allreduce = engine.enable_backward_allreduce
         engine.enable_backward_allreduce = False  # while attached, ours replaces DeepSpeed's post-backward allreduce
 
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad and p.numel() > 0]
+
     def _ready(self, param: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: param.grad holds this backward's sum; start what is complete."""
-        if not self.engine.is_gradient_accumulation_boundary():
+        if not self.engine.is_gradient_accumulation_boundary() or self.engine.inside_no_sync_ctxt:
             return
         bucket = self.bucket_of[param]
-        if bucket.work is not None:
-            raise RuntimeError("a second backward at one gradient-accumulation boundary: its gradients would miss "
-                               "the allreduce already started; call engine.step() after every engine.backward()")
-        bucket.ready += 1
-        while self.next < len(self.buckets) and self.buckets[self.next].ready == len(self.buckets[self.next].params):
+        if id(param) in bucket.ready:
+            raise RuntimeError(
+                f"the gradient of {self.names[id(param)]} was accumulated twice at one gradient-accumulation "
+                "boundary, after it had gone to the allreduce: either a second engine.backward() before "
+                "engine.step() (call step after every backward; after an exception in backward, call "
+                "engine.bucketed_allreduce.reset()), or reentrant activation checkpointing (use "
+                "torch.utils.checkpoint with use_reentrant=False); or set overlap_comm to false")
+        bucket.ready.add(id(param))
+        while self.next < len(self.buckets) and self._complete(self.buckets[self.next]):
             self._start(self.buckets[self.next])
+
+    @staticmethod
+    def _complete(bucket: _Bucket) -> bool:
+        return len(bucket.ready) == len(bucket.params)
 
     def _start(self, bucket: _Bucket) -> None:
         """Flatten the bucket's gradients into its buffer (in the wire type) and allreduce it, async."""
@@ -99,6 +117,7 @@ class BucketedAllreduce:
             # view_as/copy_, not view(-1): a channels_last conv weight has a non-contiguous gradient
             bucket.buffer[offset:offset + param.numel()].view_as(param).copy_(param.grad)
             offset += param.numel()
+        bucket.versions = [param.grad._version for param in bucket.params]
         pre, _ = self._scales()
         if pre != 1.0:
             bucket.buffer.mul_(pre)
@@ -117,22 +136,46 @@ class BucketedAllreduce:
 
     def finish(self) -> None:
         """Start the buckets still waiting, wait for all, write the averages back into the gradients."""
+        trainable = self._trainable()
+        if len(trainable) != len(self.bucket_of) or any(p not in self.bucket_of for p in trainable):
+            names = {id(p): name for name, p in self.engine.module.named_parameters()}
+            changed = sorted(names.get(id(p), "a parameter added later") for p in set(trainable) ^ set(self.bucket_of))
+            self.reset()
+            raise RuntimeError(f"requires_grad of {', '.join(changed)} changed after the engine was built; the "
+                               "gradient buckets are fixed then: set requires_grad before building the engine, "
+                               "or set overlap_comm to false")
         while self.next < len(self.buckets):
             self._start(self.buckets[self.next])
         _, post = self._scales()
         for bucket in self.buckets:
             bucket.work.wait()
+            changed = [self.names[id(p)] for p, v in zip(bucket.params, bucket.versions) if p.grad._version != v]
+            if changed:
+                self.reset()
+                raise RuntimeError(f"the gradient of {', '.join(changed)} changed between engine.backward() and "
+                                   "engine.step(), after it had gone to the allreduce; change gradients in a "
+                                   "post-accumulate-grad hook registered before the engine is built, or set "
+                                   "overlap_comm to false")
             if post != 1.0:
                 bucket.buffer.mul_(post)
             offset = 0
             for param in bucket.params:
                 param.grad.copy_(bucket.buffer[offset:offset + param.numel()].view_as(param))
                 offset += param.numel()
-            bucket.ready, bucket.work = 0, None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget this boundary: wait for the allreduces in flight (their results are dropped) and count
+        every parameter not ready. finish() ends with it; call it after an exception in a backward."""
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            bucket.ready, bucket.work = set(), None
         self.next = 0
 
     def remove(self) -> None:
         """Detach the hooks and give the allreduce back to DeepSpeed."""
+        self.reset()
         for handle in self.handles:
             handle.remove()
         self.engine.enable_backward_allreduce = self.deepspeed_allreduce
@@ -140,8 +183,11 @@ class BucketedAllreduce:
 
 def attach(engine, ds_config: dict) -> BucketedAllreduce | None:
     """Our allreduce on the engine when zero_optimization.overlap_comm is true (DeepSpeed's default for
-    stage 0 is false: its own allreduce after backward stays); the reducer, or None."""
+    stage 0 is false: its own allreduce after backward stays); the reducer, or None. It is also kept as
+    `engine.bucketed_allreduce` (None when off)."""
     zero = ds_config.get("zero_optimization", {})
-    if not zero.get("overlap_comm", False):
-        return None
-    return BucketedAllreduce(engine, int(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)))
+    reducer = None
+    if zero.get("overlap_comm", False):
+        reducer = BucketedAllreduce(engine, int(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)))
+    engine.bucketed_allreduce = reducer
+    return reducer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 from pipeline.config import Config, Plan
@@ -56,7 +57,8 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
         errors.append(f"zero_optimization.overlap_comm={overlap!r}; use true (gradient allreduce in buckets during "
                       "backward) or false (DeepSpeed's single allreduce after backward)")
     size = zero.get("reduce_bucket_size", 1)
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size < 1 or size != int(size):
+    if (isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size < 1
+            or size != int(size)):
         errors.append(f"zero_optimization.reduce_bucket_size={size!r}; give the bucket size in gradient elements, "
                       "a whole number of at least 1 (python -m pipeline.tune_buckets measures the best)")
     if ds.get("fp16", {}).get("enabled", False):

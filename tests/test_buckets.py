@@ -202,6 +202,7 @@ def channels_last_main(rank, port, out_dir):
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
                                     channels_last=True)
     assert ds_engine.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ds_engine.bucketed_allreduce is not None and not ds_engine.enable_backward_allreduce  # ours reduces
     seen = []
     ds_engine.optimizer.register_step_pre_hook(lambda *_: seen.extend(p.grad.clone() for p in ds_engine.parameters()))
     x = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(rank)).contiguous(
@@ -209,3 +210,79 @@ def channels_last_main(rank, port, out_dir):
     ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), torch.tensor([0, 1, 2, 3])))
     ds_engine.step()
     torch.save(seen, out_dir / f"rank{rank}.pt")
+
+
+def test_misuse_is_refused_naming_the_parameter_and_no_sync_is_honoured(tmp_path):
+    """What would otherwise be lost silently raises an error that names the parameter; a reset() after
+    one lets training go on; engine.no_sync() defers the reduction as DeepSpeed's own does."""
+    mp.start_processes(misuse_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        assert max_difference(res["no_sync", "ours"], res["no_sync", "deepspeed"]) <= 1e-6
+        assert "the gradient of head.bias was accumulated twice" in res["second backward"]
+        assert max_difference(res["after reset"], res["no_sync", "deepspeed"][:len(res["after reset"])]) <= 1e-6
+        assert "changed between engine.backward() and engine.step()" in res["edited"]
+        assert "head.weight" in res["edited"] and "conv.weight" not in res["edited"]  # conv's bucket starts last
+        assert "requires_grad of frozen.bias, frozen.weight, head.bias changed" in res["requires_grad"]
+    assert max_difference(results[0]["no_sync", "ours"], results[1]["no_sync", "ours"]) == 0
+
+
+def misuse_main(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(MICRO, 3, 9, 9, generator=gen), torch.randint(0, 7, (MICRO,), generator=gen))
+               for _ in range(2)]
+
+    def loss(engine, i):
+        return torch.nn.functional.cross_entropy(engine(batches[i][0]), batches[i][1])
+
+    def grads(engine):
+        return [p.grad.clone() for p in engine.module.parameters() if p.grad is not None]
+
+    results = {}
+    for mode, overlap in (("deepspeed", False), ("ours", True)):
+        engine, _ = make_engine(1, 2, "fp32", overlap=overlap, bucket=37)
+        seen = []
+        engine.optimizer.register_step_pre_hook(lambda *_: seen.extend(grads(engine)))
+        with engine.no_sync():
+            engine.backward(loss(engine, 0))
+        engine.backward(loss(engine, 1))
+        engine.step()
+        results["no_sync", mode] = seen
+
+    engine, reducer = make_engine(1, 2, "fp32", overlap=True, bucket=37)
+    assert engine.bucketed_allreduce is reducer
+    engine.backward(loss(engine, 0))
+    with pytest.raises(RuntimeError) as err:
+        engine.backward(loss(engine, 1))
+    results["second backward"] = str(err.value)
+    reducer.reset()
+    engine.zero_grad()
+    seen = []
+    engine.optimizer.register_step_pre_hook(lambda *_: seen.extend(grads(engine)))
+    with engine.no_sync():
+        engine.backward(loss(engine, 0))
+    engine.backward(loss(engine, 1))
+    engine.step()
+    results["after reset"] = seen
+
+    engine, _ = make_engine(1, 2, "fp32", overlap=True, bucket=37)
+    engine.backward(loss(engine, 0))
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.mul_(0.5)  # clipping by hand, too late
+    with pytest.raises(RuntimeError) as err:
+        engine.step()
+    results["edited"] = str(err.value)
+
+    engine, _ = make_engine(1, 2, "fp32", overlap=True, bucket=37)
+    engine.module.frozen.requires_grad_(True)
+    engine.module.head.bias.requires_grad_(False)
+    engine.backward(loss(engine, 0))
+    with pytest.raises(RuntimeError) as err:
+        engine.step()
+    results["requires_grad"] = str(err.value)
+    torch.save(results, out_dir / f"rank{rank}.pt")

@@ -53,6 +53,8 @@ def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     ({"zero_optimization": {"overlap_comm": "yes"}}, "overlap_comm='yes'"),
     ({"zero_optimization": {"reduce_bucket_size": 0}}, "reduce_bucket_size=0"),
     ({"zero_optimization": {"reduce_bucket_size": 2.5}}, "reduce_bucket_size=2.5"),
+    ({"zero_optimization": {"reduce_bucket_size": float("inf")}}, "reduce_bucket_size=inf"),
+    ({"zero_optimization": {"reduce_bucket_size": float("nan")}}, "reduce_bucket_size=nan"),
 ])
 def test_recipe_breaking_keys_are_rejected_naming_the_file(raw, message):
     cfg, plan = plan_of(config.preset("demo"))
