@@ -93,7 +93,7 @@ class BucketedAllreduce:
         if id(param) in bucket.ready:
             raise RuntimeError(
                 f"the gradient of {self.names[id(param)]} was accumulated twice at one gradient-accumulation "
-                "boundary, after it had gone to the allreduce: either a second engine.backward() before "
+                "boundary, and its first sum may already be on the wire: either a second engine.backward() before "
                 "engine.step() (call step after every backward; after an exception in backward, call "
                 "engine.bucketed_allreduce.reset()), or reentrant activation checkpointing (use "
                 "torch.utils.checkpoint with use_reentrant=False); or set overlap_comm to false")
