@@ -16,8 +16,8 @@ message step and bytes/bandwidth beta per byte moved:
     across servers, halving/doubling:      2 ceil(log2 n) alpha + 2 (n-1)/n b / beta
 
 Both algorithms move the same bytes; halving/doubling takes fewer latency steps. Overlap: backward
-produces the gradient bytes at a steady rate, so the j-th of m buckets is ready at j/m of backward; one
-bucket is on the wire at a time; what is exposed is the time from the end of backward to the end of the
+produces the gradient bytes at a steady rate, so a bucket is ready when backward has produced all the
+bytes up to its end (the last bucket holds what is left, maybe less); one bucket is on the wire at a time; what is exposed is the time from the end of backward to the end of the
 last allreduce. Without overlap (DeepSpeed's stage 0) all bytes go in one allreduce after backward.
 
 Left out, so the prediction is a lower bound: the wait for the slowest rank at every step (stragglers,
@@ -116,8 +116,8 @@ def exposed_s(grad_bytes: float, bucket_bytes: float | None, backward_s: float, 
     count = max(1, math.ceil(grad_bytes / bucket_bytes))
     wire_free = 0.0
     for j in range(1, count + 1):
-        size = min(bucket_bytes, grad_bytes - (j - 1) * bucket_bytes)
-        wire_free = max(j / count * backward_s, wire_free) + allreduce(size)
+        end = min(j * bucket_bytes, grad_bytes)
+        wire_free = max(end / grad_bytes * backward_s, wire_free) + allreduce(end - (j - 1) * bucket_bytes)
     return max(0.0, wire_free - backward_s)
 
 

@@ -36,6 +36,8 @@ def test_buckets_hide_communication_behind_backward():
     assert scaling.exposed_s(grad, 25e6, 0.120, wire) == pytest.approx(0.026)
     # a wire slower than backward: the queue shows
     assert scaling.exposed_s(grad, 25e6, 0.040, wire) == pytest.approx(0.010 + 4 * 0.026 - 0.040)
+    # 100 MB in buckets of 60: the first is ready at 60% of backward, not half-way; the 40 MB left at the end
+    assert scaling.exposed_s(grad, 60e6, 0.120, wire) == pytest.approx(0.072 + 0.061 - 0.120 + 0.041)
     # tiny buckets pay the latency of every message
     assert scaling.exposed_s(grad, 1e5, 0.120, wire) > scaling.exposed_s(grad, 25e6, 0.120, wire)
 
