@@ -55,6 +55,10 @@ class BucketedAllreduce:
             raise ValueError(f"zero_optimization.reduce_bucket_size={bucket_elements}; it must be at least 1 element")
         self.engine = engine
         self.dtype = engine.communication_data_type
+        # DeepSpeed's own stage-0 reduction group: its clone of the world, not the default group, so that
+        # our buckets never queue behind other collectives in flight on the default group (the training
+        # loop's asynchronous stop flag, preempt.StopRequest.poll).
+        self.group = engine.seq_data_parallel_group
         if not isinstance(engine.optimizer, torch.optim.Optimizer):
             raise ValueError(f"overlap_comm at stage 0 needs DeepSpeed to step a torch optimizer directly, but it "
                              f"wraps it in {type(engine.optimizer).__name__}; set overlap_comm to false")
@@ -121,12 +125,13 @@ class BucketedAllreduce:
         pre, _ = self._scales()
         if pre != 1.0:
             bucket.buffer.mul_(pre)
-        bucket.work = dist.all_reduce(bucket.buffer, async_op=True)  # all_reduce: per-rank grads -> sum
+        # all_reduce: per-rank grads -> sum
+        bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
         self.next += 1
 
     def _scales(self) -> tuple[float, float]:
         """(before, after) the sum: DeepSpeed's averaging (engine.allreduce_bucket)."""
-        world = dist.get_world_size()
+        world = dist.get_world_size(self.group)
         if not self.engine.gradient_average:
             return 1.0, 1.0
         if self.engine.postscale_gradients():
