@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import interleaved_rounds, write_result  # noqa: E402
-from pipeline import buckets  # noqa: E402
+from pipeline import buckets, train  # noqa: E402
 
 MODES = ("deepspeed", "buckets", "ddp", "local")
 
@@ -87,6 +87,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: P
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
+    train.keep_freed_memory()  # as a training rank on CPU does
     if rank:
         sys.stdout = open(os.devnull, "w")
     import deepspeed
