@@ -7,6 +7,7 @@ import deepspeed
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.checkpoint import checkpoint
 
 from conftest import pick_port
 from pipeline import buckets
@@ -224,6 +225,8 @@ def test_misuse_is_refused_naming_the_parameter_and_no_sync_is_honoured(tmp_path
         assert "changed between engine.backward() and engine.step()" in res["edited"]
         assert "head.weight" in res["edited"] and "conv.weight" not in res["edited"]  # conv's bucket starts last
         assert "requires_grad of frozen.bias, frozen.weight, head.bias changed" in res["requires_grad"]
+        assert "was accumulated twice" in res["reentrant"] and "use_reentrant=False" in res["reentrant"]
+        assert "of head." in res["reentrant"]
     assert max_difference(results[0]["no_sync", "ours"], results[1]["no_sync", "ours"]) == 0
 
 
@@ -285,6 +288,15 @@ def misuse_main(rank, port, out_dir):
     with pytest.raises(RuntimeError) as err:
         engine.step()
     results["requires_grad"] = str(err.value)
+
+    engine, reducer = make_engine(1, 2, "fp32", overlap=True, bucket=37)
+    z = torch.randn(MICRO, 13, generator=gen, requires_grad=True)
+    # head in two reentrant checkpoint segments: each segment's own backward accumulates into head's grads
+    twice = sum(checkpoint(engine.module.head, z, use_reentrant=True).sum() for _ in range(2))
+    with pytest.raises(RuntimeError) as err:
+        engine.backward(loss(engine, 0) + twice)
+    results["reentrant"] = str(err.value)
+    reducer.reset()
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
