@@ -46,7 +46,7 @@ def init_distributed(cfg: Config) -> torch.device:
     return device
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """On CPU: let glibc keep freed blocks of up to 32 MiB for the next step instead of giving them back
     to the kernel, which must then zero fresh pages for them again.
 
@@ -54,13 +54,14 @@ def keep_freed_memory() -> bool:
     allreduce frees a flat copy of all gradients every step, which raises them far enough; our buckets
     (pipeline.buckets) keep their buffers, and then activations were unmapped and faulted back in every
     step: 4,600 page faults per step and a ~10% slower step on the demo model. Fixed thresholds (32 MiB
-    is the most glibc allows for mmap) end that in both modes. False where the C library has no mallopt
-    (not glibc): nothing changes there."""
+    is the most glibc allows for mmap) end that in both modes. Where the C library has no mallopt (not
+    glibc), nothing changes."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def average_bn_statistics(net: torch.nn.Module) -> None:
