@@ -191,17 +191,23 @@ def test_engine_in_channels_last_starts_on_several_ranks(tmp_path):
     assert max_difference(grads[0], grads[1]) == 0
 
 
-def channels_last_main(rank, port, out_dir):
+def demo_engine(rank: int, port: int, overrides: list[str], channels_last: bool = False):
+    """Rank `rank` of the demo's 2 ranks, started as pipeline.train starts one; its engine and config."""
     from pipeline import config, dsconfig, engine, model, train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    cfg = config.apply_overrides(config.preset("demo"), ["train.micro_batch=4"])
+    cfg = config.apply_overrides(config.preset("demo"), overrides)
     plan = config.resolve(cfg)
     train.init_distributed(cfg)
     torch.manual_seed(0)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
-                                    channels_last=True)
+                                    channels_last=channels_last)
+    return ds_engine, cfg
+
+
+def channels_last_main(rank, port, out_dir):
+    ds_engine, _ = demo_engine(rank, port, ["train.micro_batch=4"], channels_last=True)
     assert ds_engine.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert ds_engine.bucketed_allreduce is not None and not ds_engine.enable_backward_allreduce  # ours reduces
     seen = []
@@ -313,14 +319,7 @@ def test_a_cpu_rank_reuses_freed_memory_from_step_to_step(tmp_path):
 def faults_main(rank, port, out_dir):
     import resource
 
-    from pipeline import config, dsconfig, engine, model, train
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    cfg = config.preset("demo")  # 2 ranks
-    plan = config.resolve(cfg)
-    train.init_distributed(cfg)
-    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    ds_engine, cfg = demo_engine(rank, port, [])
     assert ds_engine.bucketed_allreduce is not None
     gen = torch.Generator().manual_seed(rank)
     side = cfg.data.image_size
