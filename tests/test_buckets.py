@@ -2,6 +2,7 @@
 DeepSpeed engines in real processes (gloo)."""
 
 import os
+import statistics
 
 import deepspeed
 import pytest
@@ -295,7 +296,9 @@ def misuse_main(rank, port, out_dir):
         engine.step()
     results["requires_grad"] = str(err.value)
 
-    engine, reducer = make_engine(1, 2, "fp32", overlap=True, bucket=37)
+    # One bucket: none can start before the error, whichever of head's hooks comes first on each rank (their
+    # order varies), so no rank is left with an allreduce its peer never joins.
+    engine, reducer = make_engine(1, 2, "fp32", overlap=True, bucket=SIZES[-1])
     z = torch.randn(MICRO, 13, generator=gen, requires_grad=True)
     # head in two reentrant checkpoint segments: each segment's own backward accumulates into head's grads
     twice = sum(checkpoint(engine.module.head, z, use_reentrant=True).sum() for _ in range(2))
@@ -313,7 +316,9 @@ def test_a_cpu_rank_reuses_freed_memory_from_step_to_step(tmp_path):
     mp.start_processes(faults_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
     for rank in range(2):
         faults = torch.load(tmp_path / f"faults{rank}.pt")
-        assert max(faults) < 1000, faults  # without it: ~4,600 in every step
+        # Without it: ~4,600 in every step. With it: 0-2, and now and then one step that grows the heap once
+        # (~2,300-2,800), so the median over 8 steps counts, not the worst step.
+        assert statistics.median(faults) < 100, faults
 
 
 def faults_main(rank, port, out_dir):
@@ -331,4 +336,4 @@ def faults_main(rank, port, out_dir):
         ds_engine.backward(torch.nn.functional.cross_entropy(ds_engine(x), y))
         ds_engine.step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    torch.save(faults[8:], out_dir / f"faults{rank}.pt")
+    torch.save(faults[4:], out_dir / f"faults{rank}.pt")
