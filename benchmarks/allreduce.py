@@ -8,7 +8,7 @@ steps them in rounds, interleaved, on the same fixed batch:
 
 - deepspeed: our DeepSpeed engine with zero_optimization.overlap_comm=false: DeepSpeed's own allreduce
   of all gradients after backward, in one 5e8-element bucket.
-- buckets: the same engine with overlap_comm=true and reduce_bucket_size=--bucket (pipeline.buckets).
+- buckets: the same engine with overlap_comm=true and reduce_bucket_size=--bucket (pipeline.train.buckets).
 - ddp: torch DistributedDataParallel with the same bucket size in MiB, torch SGD; no DeepSpeed.
 - local: the same step with no communication at all: the compute floor; a mode's excess over it is
   the communication it leaves exposed.
@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import interleaved_rounds, write_result  # noqa: E402
-from pipeline import buckets, train  # noqa: E402
+from pipeline.train import buckets, distributed  # noqa: E402
 
 MODES = ("deepspeed", "buckets", "ddp", "local")
 
@@ -87,7 +87,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: P
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
-    train.keep_freed_memory()  # as a training rank on CPU does
+    distributed.keep_freed_memory()  # as a training rank on CPU does
     if rank:
         sys.stdout = open(os.devnull, "w")
     import deepspeed
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", type=int, default=6_553_600, help="bucket size in elements (default 25 MiB fp32)")
     parser.add_argument("--steps", type=int, default=3, help="steps per round (default 3)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/allreduce.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/allreduce.json"))
     args = parser.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

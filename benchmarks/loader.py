@@ -5,11 +5,11 @@
 Every pipeline runs in this one process on one thread (images/s per core) over the same JPEGs, in
 rounds, interleaved; the median round counts:
 
-- bare decode: full-size decode of every JPEG from memory (PIL, and torchvision.io.decode_jpeg), no
+- bare decode: full-size decode of every JPEG from memory (PIL, and ours: pipeline.data.decode.decode_full), no
   I/O, no transform: the floor any JPEG pipeline pays without reduced-size decoding.
 - ImageFolder: torchvision's ImageFolder + PIL with RandomResizedCrop(224), RandomHorizontalFlip,
   ToTensor, Normalize: what most ImageNet training scripts run.
-- ours: pipeline.data.TrainStream over shards of the same images (tar reading, shuffle block,
+- ours: pipeline.data.streams.TrainStream over shards of the same images (tar reading, shuffle block,
   reduced-size decode, the same crop and flip, uint8 batches of 32; normalisation happens on the GPU).
 - ours without draft: the same with PIL's reduced-size decoding switched off, to show what it buys.
 - ours through the DataLoader with one worker per core: total images/s of this machine.
@@ -34,11 +34,13 @@ import torch
 import torchvision
 from PIL import Image, JpegImagePlugin
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline import data, shards
 from pipeline.config import DataConfig
-from pipeline.manifest import load_manifest
+from pipeline.data.decode import decode_full
+from pipeline.data.manifest import load_manifest
+from pipeline.data.streams import TrainStream
+from pipeline.data.workers import loader as make_loader
+from pipeline.shards.convert import convert
 import photos  # benchmarks/photos.py and timing.py, next to this script
 from timing import interleaved_rounds, write_result
 
@@ -49,7 +51,7 @@ def bare_pil(blobs: list[bytes]) -> None:
 
 def bare_torchvision(blobs: list[bytes]) -> None:
     for blob in blobs:
-        decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        decode_full(blob)
 
 
 def imagefolder(dataset: torchvision.datasets.ImageFolder) -> None:
@@ -57,12 +59,12 @@ def imagefolder(dataset: torchvision.datasets.ImageFolder) -> None:
         dataset[i]
 
 
-def ours(stream: data.TrainStream) -> None:
+def ours(stream: TrainStream) -> None:
     for _ in stream:
         pass
 
 
-def ours_no_draft(stream: data.TrainStream) -> None:
+def ours_no_draft(stream: TrainStream) -> None:
     with mock.patch.object(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None):
         ours(stream)
 
@@ -77,13 +79,13 @@ def main() -> None:
     photos.add_arguments(parser, images=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the last row")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/loader.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         work = Path(tmp)
         src = photos.source_tree(args, work)
-        shards.convert(src, work / "shards")
+        convert(src, work / "shards")
         manifest = load_manifest(work / "shards", "train")
         files = sorted((src / "train").rglob("*.JPEG"))
         blobs = [f.read_bytes() for f in files]
@@ -91,12 +93,12 @@ def main() -> None:
         n = manifest.num_samples
 
         cfg = DataConfig(shards=str(work / "shards"), workers=0)
-        stream = data.TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
+        stream = TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
         stream.set_epoch(0)
         loader_cfg = dataclasses.replace(cfg, workers=args.workers)
-        loader_stream = data.TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
+        loader_stream = TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
         loader_stream.set_epoch(0)
-        loader = data.loader(loader_stream, loader_cfg, pin_memory=False)
+        loader = make_loader(loader_stream, loader_cfg, pin_memory=False)
         folder = torchvision.datasets.ImageFolder(str(src / "train"), transform=T.Compose([
             T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
             T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]))

@@ -5,7 +5,7 @@
 Runs python -m pipeline.tune_buckets (the real launcher, submitit's local executor, gloo) for ResNet-50
 at a small input on 1, 2 and 3 processes, one torch thread each. The 1-rank run gives the compute
 times (forward, backward, update); the 2- and 3-rank runs give the allreduce times, to which one
-latency and one bandwidth are fitted (pipeline.scaling.fit_link). The model then predicts the 2- and
+latency and one bandwidth are fitted (pipeline.scaling.model.fit_link). The model then predicts the 2- and
 3-rank step times, overlapped buckets and overlap off, and the table shows how far that is from what the
 same runs measured; a second column predicts with each run's own compute times instead of the 1-rank
 ones, which separates the cost of ranks sharing cores from the error of the communication model. On a
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import write_result  # noqa: E402
-from pipeline import scaling  # noqa: E402
+from pipeline.scaling import model as scaling  # noqa: E402
 
 
 def tune(ranks: int, args: argparse.Namespace, run_dir: Path) -> dict:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", type=int, default=6_553_600, help="bucket elements (default 6553600)")
     parser.add_argument("--steps", type=int, default=3, help="steps per candidate per round (default 3)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/scaling.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/scaling.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {ranks: tune(ranks, args, Path(tmp) / f"ranks{ranks}") for ranks in (1, 2, 3)}

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from pipeline import shards
+from pipeline.shards.convert import convert
 import photos  # benchmarks/photos.py and timing.py, next to this script
 from timing import interleaved_rounds, write_result
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shard-samples", type=int, default=250,
                         help="images per shard (default 250: enough shards to keep 2 workers busy)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/shards.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/shards.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shards-bench-") as tmp:
         work = Path(tmp)
@@ -50,15 +50,15 @@ def main() -> None:
         files = [p for p in src.rglob("*") if p.is_file()]
         count, size = len(files), sum(p.stat().st_size for p in files)
 
-        def convert(workers: int) -> None:
+        def converted(workers: int) -> None:
             shutil.rmtree(work / "out", ignore_errors=True)
-            shards.convert(src, work / "out", shard_samples=args.shard_samples, workers=workers)
+            convert(src, work / "out", shard_samples=args.shard_samples, workers=workers)
 
         def tar() -> None:
             subprocess.run(["tar", "cf", str(work / "out.tar"), "-C", str(src), "."], check=True)
 
-        runs = {"tar": tar, "convert_1_worker": quiet(lambda: convert(1)),
-                "convert_2_workers": quiet(lambda: convert(2))}
+        runs = {"tar": tar, "convert_1_worker": quiet(lambda: converted(1)),
+                "convert_2_workers": quiet(lambda: converted(2))}
         tar()  # warm the page cache
         seconds = interleaved_rounds(runs, args.rounds)
         median = {name: statistics.median(v) for name, v in seconds.items()}

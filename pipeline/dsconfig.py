@@ -15,6 +15,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Keys of DeepSpeed's JSON that belong to our config instead: DeepSpeed's optimizers and schedulers would
 # silently replace the paper's SGD and its per-iteration warmup.
 FORBIDDEN_KEYS = ("optimizer", "scheduler")
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in elements
 
 
 def ds_config_path(cfg: Config) -> Path:
@@ -51,7 +52,7 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
     stage = zero.setdefault("stage", 0)
     if stage != 0:
         errors.append(f"zero_optimization.stage={stage}; pure data parallelism needs stage 0")
-    # At stage 0 these two drive our overlapped bucketed allreduce (pipeline.buckets), not DeepSpeed's.
+    # At stage 0 these two drive our overlapped bucketed allreduce (pipeline.train.buckets), not DeepSpeed's.
     overlap = zero.get("overlap_comm", False)
     if not isinstance(overlap, bool):
         errors.append(f"zero_optimization.overlap_comm={overlap!r}; use true (gradient allreduce in buckets during "
@@ -91,3 +92,11 @@ def load_ds_config(cfg: Config, plan: Plan) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     return reconcile_ds_config(raw, str(path), cfg, plan)
+
+
+def bucket_elements(ds: dict) -> int | None:
+    """The gradient bucket size of our overlapped allreduce (pipeline.train.buckets), in elements; None
+    when zero_optimization.overlap_comm is off (DeepSpeed's stage-0 default: its own allreduce after
+    backward)."""
+    zero = ds.get("zero_optimization", {})
+    return int(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)) if zero.get("overlap_comm", False) else None

@@ -2,7 +2,7 @@
 
 The run folder must have been prepared by `python -m pipeline.submit --emit-sbatch`; rank, world size
 and master address come from Slurm's environment, as they do for submitit's jobs. On SIGUSR2 or SIGTERM
-every rank checkpoints after the same step and rank 0 runs `scontrol requeue` (pipeline.preempt).
+every rank checkpoints after the same step and rank 0 runs `scontrol requeue` (pipeline.train.preempt).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline import preempt
+from pipeline.train import preempt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "config.json").is_file():
         parser.error(f"{args.run_dir / 'config.json'} does not exist; prepare the run with "
                      "python -m pipeline.submit --emit-sbatch FILE")
-    from pipeline import train
+    from pipeline.train import loop
 
-    train.run(args.run_dir, stop, args.max_requeues)
+    loop.run(args.run_dir, stop, args.max_requeues)
     return 0
 
 

@@ -7,7 +7,7 @@ A job like training, through the same launcher, flags, config and DeepSpeed JSON
 real model and DeepSpeed engine and steps it on one batch of the real shape (random pixels and labels:
 the loader is left out, so that only compute and communication are timed). The candidates are overlap
 off (DeepSpeed's own allreduce of everything after backward) and each of --sizes as
-zero_optimization.reduce_bucket_size with overlap_comm on (pipeline.buckets). They take turns, --steps
+zero_optimization.reduce_bucket_size with overlap_comm on (pipeline.train.buckets). They take turns, --steps
 optimizer steps each, for --rounds rounds; the median round counts. Then, without communication, the
 forward, backward and update times, and the time of allreduces of several sizes inside a node and
 between nodes: what python -m pipeline.scaling and `submit --dry-run --hardware` need.
@@ -18,223 +18,16 @@ ds_config_tuned.json (the DeepSpeed JSON with the best setting, or --write FILE)
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
-import math
-import os
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import submitit
-
-from pipeline import config, model, scaling, submit
-from pipeline.job import TuneJob
-
-DEFAULT_SIZES = "1000000,2000000,6553600,13107200,26214400,100000000"
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Path | None) -> dict:
-    """What every rank of the tuning job runs; rank 0 writes the results into run_dir (the tuned
-    DeepSpeed JSON to `write` if given) and returns them with their table."""
-    import torch
-    import torch.distributed as dist
-
-    from pipeline import buckets, train
-    from pipeline.engine import build_engine
-
-    cfg, plan = config.load_run_config(run_dir)
-    device = train.init_distributed(cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    net = model.build(cfg.model).to(device)
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    plain = copy.deepcopy(ds_config)
-    plain["zero_optimization"]["overlap_comm"] = False
-    engine = build_engine(net, cfg, plan, plain, channels_last=device.type == "cuda")  # ours attached per candidate
-    gen = torch.Generator().manual_seed(rank)
-    side = cfg.data.image_size
-    images = torch.randint(0, 256, (cfg.train.micro_batch, side, side, 3), dtype=torch.uint8, generator=gen)
-    x = train.model_input(images.permute(0, 3, 1, 2), cfg, device)
-    y = torch.randint(0, cfg.model.num_classes, (cfg.train.micro_batch,), generator=gen).to(device)
-    phases = {"forward": 0.0, "backward": 0.0, "update": 0.0}
-
-    def optimizer_steps(count: int, timed_phases: bool = False) -> None:
-        for _ in range(count * cfg.train.grad_accum):
-            marks = [time.perf_counter()]
-            loss = torch.nn.functional.cross_entropy(engine(x), y)
-            if timed_phases:
-                _sync(device)
-            marks.append(time.perf_counter())
-            engine.backward(loss)
-            if timed_phases:
-                _sync(device)
-            marks.append(time.perf_counter())
-            engine.step()
-            _sync(device)
-            marks.append(time.perf_counter())
-            if timed_phases:
-                for name, start, end in zip(phases, marks, marks[1:]):
-                    phases[name] += end - start
-
-    candidates = {"off": None, **{str(size): size for size in sizes}}
-    reducer = None
-
-    def use(size):
-        nonlocal reducer
-        if reducer:
-            reducer.remove()
-        reducer = buckets.BucketedAllreduce(engine, size) if size else None
-
-    seconds = {name: [] for name in candidates}
-    for rnd in range(rounds + 1):  # round 0 warms up: allocator, connections, the first steps
-        for name, size in candidates.items():
-            use(size)
-            dist.barrier()  # everyone starts together; the round ends when the slowest rank is done
-            start = time.perf_counter()
-            optimizer_steps(steps)
-            dist.barrier()
-            if rnd:
-                seconds[name].append((time.perf_counter() - start) / steps)
-        if rank == 0 and rnd:
-            print(f"round {rnd}/{rounds}: " + ", ".join(f"{n} {s[-1] * 1e3:.0f} ms" for n, s in seconds.items()),
-                  flush=True)
-    use(None)
-    engine.enable_backward_allreduce = False  # compute alone: no communication at all
-    optimizer_steps(1)
-    optimizer_steps(steps, timed_phases=True)
-    micro_steps = steps * cfg.train.grad_accum
-    compute = {"forward": phases["forward"] / micro_steps, "backward": phases["backward"] / micro_steps,
-               "update": phases["update"] / steps}  # the optimizer steps once per accumulation window
-    grad_elements = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    links = _measure_links(cfg, device, grad_elements)
-    if rank != 0:
-        return {}
-    median = {name: statistics.median(s) for name, s in seconds.items()}
-    best = min(median, key=median.get)
-    result = {"candidates_s": seconds, "median_step_s": median, "best": best, "compute_s": compute,
-              "links": links, "world_size": world, "grad_elements": grad_elements}
-    result["table"] = _write(run_dir, cfg, ds_config, result, write or run_dir / "ds_config_tuned.json")
-    print(result["table"], flush=True)
-    return result
-
-
-def _measure_links(cfg, device, grad_elements: int) -> dict:
-    """alpha and beta fitted to allreduces of 64 KiB .. the gradient size, inside a node (its g ranks)
-    and between nodes (one rank per node), with the samples; None where there is only one rank to talk
-    to. The fit counts ring steps, 2 (members - 1): which algorithm the backend picks is not known here;
-    for 2 members the ring and halving/doubling take the same 2 steps."""
-    import torch
-    import torch.distributed as dist
-
-    g, nodes = cfg.cluster.gpus_per_node, cfg.cluster.nodes
-    rank = dist.get_rank()
-    # new_group is collective: every rank creates every group, in the same order.
-    node_groups = [dist.new_group(list(range(n * g, (n + 1) * g))) for n in range(nodes)]
-    leaders = dist.new_group(list(range(0, nodes * g, g)))
-    counts = sorted({min(grad_elements, 4**k * 16384) for k in range(8)})
-    links = {}
-    for kind, members, group in (("intra", g, node_groups[rank // g]), ("inter", nodes, leaders)):
-        if members < 2:
-            links[kind] = None
-            continue
-        samples = []
-        inside = kind == "intra" or rank % g == 0
-        for count in counts:
-            buffer = torch.ones(count, device=device)
-            times = []
-            for _ in range(4):
-                dist.barrier()
-                start = time.perf_counter()
-                if inside:
-                    dist.all_reduce(buffer, group=group)  # all_reduce: a timing probe, values unused
-                    _sync(device)
-                times.append(time.perf_counter() - start)
-            nbytes = count * buffer.element_size()
-            steps = 2 * (members - 1)
-            samples.append((steps, 2 * (members - 1) / members * nbytes, statistics.median(times[1:])))
-        try:
-            links[kind] = {**dataclasses.asdict(scaling.fit_link(samples)), "samples": samples}
-        except ValueError as err:  # noise swamped the sizes: keep the samples, predict nothing from them
-            links[kind] = {"error": str(err), "samples": samples}
-    return links
-
-
-def _write(run_dir: Path, cfg, ds_config: dict, result: dict, target: Path) -> str:
-    """tune.json, the tuned DeepSpeed JSON at target, hardware.json and tune.png; returns the table."""
-    median, best = result["median_step_s"], result["best"]
-    (run_dir / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
-    tuned = copy.deepcopy(ds_config)
-    zero = tuned["zero_optimization"]
-    zero["overlap_comm"] = best != "off"
-    if best != "off":
-        zero["reduce_bucket_size"] = int(best)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        tuned.pop(key, None)  # filled from the config at submission, like the shipped JSONs
-    target.write_text(json.dumps(tuned, indent=2) + "\n")
-    links = result["links"]
-    link = {kind: (scaling.Link(value["latency_s"], value["bandwidth_Bps"]) if value and "latency_s" in value else None)
-            for kind, value in links.items()}
-    hardware = scaling.Hardware(
-        name=f"measured-{run_dir.name}", source=f"python -m pipeline.tune_buckets, {run_dir}",
-        gpus_per_node=cfg.cluster.gpus_per_node, intra=link["intra"], inter=link["inter"], arch=cfg.model.arch,
-        micro_batch=cfg.train.micro_batch, forward_s=result["compute_s"]["forward"],
-        backward_s=result["compute_s"]["backward"], update_s=result["compute_s"]["update"])
-    (run_dir / "hardware.json").write_text(json.dumps(dataclasses.asdict(hardware), indent=1) + "\n")
-    baseline = median["off"]
-    lines = [f"{'bucket elements':>16} {'step ms':>9} {'vs off':>7}"]
-    for name, value in median.items():
-        label = "off (DeepSpeed)" if name == "off" else f"{int(name):,}"
-        lines.append(f"{label:>16} {value * 1e3:>9.1f} {value / baseline:>7.3f}{'  <- best' if name == best else ''}")
-    compute = result["compute_s"]
-    lines.append(f"compute without communication: forward {compute['forward'] * 1e3:.1f} ms, backward "
-                 f"{compute['backward'] * 1e3:.1f} ms, update {compute['update'] * 1e3:.1f} ms")
-    for kind, value in links.items():
-        if value and "error" in value:
-            lines.append(f"allreduce {kind}-node: no fit ({value['error']}); hardware.json leaves it out")
-        elif value:
-            lines.append(f"allreduce {kind}-node: latency {value['latency_s'] * 1e6:.0f} us, "
-                         f"bandwidth {value['bandwidth_Bps'] / 1e9:.2f} GB/s")
-    _plot(run_dir / "tune.png", median, cfg)
-    lines.append(f"wrote {target}: train with train.ds_config={shlex.quote(str(target))}")
-    lines.append(f"wrote {run_dir / 'hardware.json'}: predict with python -m pipeline.submit --dry-run "
-                 f"--hardware {shlex.quote(str(run_dir / 'hardware.json'))}")
-    lines.append(f"wrote {run_dir / 'tune.png'}")
-    return "\n".join(lines)
-
-
-def _plot(path: Path, median: dict, cfg) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [(int(name), value) for name, value in median.items() if name != "off"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([s for s, _ in sizes], [v * 1e3 for _, v in sizes], "o-", label="overlapped buckets")
-    ax.axhline(median["off"] * 1e3, color="grey", linestyle="--", label="overlap off (DeepSpeed stage 0)")
-    ax.set_xscale("log")
-    ax.set_xlabel("zero_optimization.reduce_bucket_size (elements)")
-    ax.set_ylabel("step time (ms, median)")
-    ax.set_title(f"{cfg.model.arch}, {cfg.train.micro_batch}/GPU, {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+from pipeline.launch import options, tuning
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = submit.job_parser("python -m pipeline.tune_buckets", __doc__)
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"bucket sizes in elements (default {DEFAULT_SIZES})")
+    parser = options.job_parser("python -m pipeline.tune_buckets", __doc__)
+    parser.add_argument("--sizes", default=tuning.DEFAULT_SIZES,
+                        help=f"bucket sizes in elements (default {tuning.DEFAULT_SIZES})")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per candidate per round (default 10)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; the median counts (default 5)")
     parser.add_argument("--run-dir", type=Path, help="folder for the results (default runs/tune-<preset>-<date>-<time>)")
@@ -243,56 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="on Slurm, wait for the job and print its table")
     args = parser.parse_args(argv)
     try:
-        return launch(args)
+        return tuning.launch(args)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-def launch(args) -> int:
-    """Check everything, then submit the tuning job."""
-    if args.sweep:
-        raise ValueError("--sweep does not apply to tune_buckets: every candidate already runs in the one job")
-    try:
-        values = [float(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        values = [math.nan]
-    if not all(math.isfinite(v) and v == int(v) for v in values):
-        raise ValueError(f"--sizes {args.sizes!r}: give bucket sizes in elements as whole numbers, "
-                         "e.g. 1000000,6553600 or 1e6")
-    sizes = sorted({int(v) for v in values})
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"--sizes {args.sizes!r}: give at least one bucket size of 1 element or more")
-    for flag, value in (("--steps", args.steps), ("--rounds", args.rounds)):
-        if value < 1:
-            raise ValueError(f"{flag} {value} must be at least 1")
-    submit.check_slurm_args(args)
-    options = submit.sbatch_options(args)
-    cfg, plan, ds_config = submit.resolve_job(args, args.overrides)
-    run_dir = (args.run_dir or Path("runs") / f"tune-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    write = args.write.resolve() if args.write else None
-    if write and not os.access(write.parent, os.W_OK):
-        raise PermissionError(f"--write {args.write}: cannot write into {write.parent}")
-    submit.check_paths(cfg, run_dir, args.assume_shared)
-    if (run_dir / "config.json").exists():
-        raise ValueError(f"{run_dir} already holds a run; pass a new --run-dir")
-    executor = submit.make_executor(args, cfg, run_dir / "submitit", f"tune-{run_dir.name}", options)
-    submit.prepare_run_dir(run_dir, cfg, plan, ds_config)
-    print(plan.summary(cfg))
-    print(f"candidates: overlap off, buckets of {', '.join(f'{s:,}' for s in sizes)} elements; "
-          f"{args.steps} steps x {args.rounds} rounds each", flush=True)
-    job = executor.submit(TuneJob(run_dir, sizes, args.steps, args.rounds, write))
-    print(f"submitted job {job.job_id} ({executor.cluster}); results in {run_dir}", flush=True)
-    if executor.cluster == "slurm" and not args.wait:
-        print(f"when it ends, its table is in {shlex.quote(str(run_dir / 'submitit'))}/{job.job_id}_0_log.out")
-        return 0
-    try:
-        result = job.results()[0]
-    except submitit.core.utils.FailedJobError as err:
-        print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
-        return 1
-    print(result["table"])
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,44 +1,16 @@
-"""Shared fixtures: a small ImageNet-style tree of real Fashion-MNIST photos, and its shards."""
+"""Shared fixtures: a small ImageNet-style tree of real Fashion-MNIST photos, and its shards (helpers.py
+holds the shared functions)."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
-import webdataset as wds
-from PIL import Image
+from pipeline.shards import convert
 
-from pipeline import demo, shards
-
-TRAIN_PER_CLASS = 24
-VAL_PER_CLASS = 7
-# A 2-rank run of the shard_dir fixture: kn=16 > reference 8, so warmup 0.0125 -> 0.025 over the first
-# epoch (15 steps), x0.1 from epoch 1.5 (step 22.5).
-SMALL = ["data.train_samples=240", "data.val_samples=70", "data.workers=1", "train.micro_batch=8",
-         "train.log_every=1", "optim.base_lr=0.0125", "optim.reference_batch=8", "schedule.epochs=2",
-         "schedule.warmup_epochs=1", "schedule.milestones=1.5"]
-
-
-def write_tree(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS) -> Path:
-    """root/{train,val}/<class>/*.JPEG from the first Fashion-MNIST images of each class."""
-    for split, prefix, per_class in (("train", "train", train_per_class), ("val", "t10k", val_per_class)):
-        images = demo.read_idx(demo.FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
-        labels = demo.read_idx(demo.FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
-        written = {c: 0 for c in range(len(demo.CLASSES))}
-        for i, label in enumerate(labels):
-            if written[label] == per_class:
-                continue
-            folder = root / split / demo.CLASSES[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).convert("RGB").save(folder / f"{split}_{i:05d}.JPEG", quality=95)
-            written[label] += 1
-            if all(v == per_class for v in written.values()):
-                break
-    return root
+from helpers import pick_port, write_tree
 
 
 @pytest.fixture(scope="session")
@@ -58,21 +30,8 @@ def image_tree(weird_root) -> Path:
 def shard_dir(image_tree, weird_root) -> Path:
     """240 train and 70 val real photos in shards of 25 (uneven counts: the last shard holds 15)."""
     out = weird_root / "shards"
-    shards.convert(image_tree, out, shard_samples=25)
+    convert.convert(image_tree, out, shard_samples=25)
     return out
-
-
-def run_module(module: str, *args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """python -m module args... in a child process, output captured, Python's warnings silenced."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def pick_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -80,11 +39,19 @@ def free_port() -> int:
     return pick_port()
 
 
-def truncate_sample(shard: Path, index: int, keep: int) -> str:
-    """Rewrite a shard with the JPEG of its index-th sample cut to `keep` bytes; returns that sample's key."""
-    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
-    with wds.TarWriter(str(shard), encoder=False, mtime=0) as sink:
-        for i, sample in enumerate(samples):
-            jpg = sample["jpg"][:keep] if i == index else sample["jpg"]
-            sink.write({"__key__": sample["__key__"], "jpg": jpg, "cls": sample["cls"]})
-    return samples[index]["__key__"]
+def slurm_unavailable() -> str | None:
+    """Why tests/slurm/start.sh cannot bring up a Slurm on this machine, or None when it can."""
+    if os.geteuid() != 0:
+        return "a real Slurm needs root here (tests/slurm/start.sh installs packages, edits /etc/hosts, runs munged)"
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        return "Slurm's daemons are not installed and apt-get is not there to install them"
+    return None
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `slurm` skip, naming the reason, where a real Slurm cannot start; where it can (CI runs
+    as root), they run, and a Slurm that fails to start fails them."""
+    if item.get_closest_marker("slurm"):
+        reason = slurm_unavailable()
+        if reason:
+            pytest.skip(reason)

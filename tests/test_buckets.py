@@ -1,4 +1,4 @@
-"""Our overlapped bucketed allreduce (pipeline.buckets) against DeepSpeed's own stage-0 allreduce, on real
+"""Our overlapped bucketed allreduce (pipeline.train.buckets) against DeepSpeed's own stage-0 allreduce, on real
 DeepSpeed engines in real processes (gloo)."""
 
 import os
@@ -8,10 +8,10 @@ import deepspeed
 import pytest
 import torch
 import torch.multiprocessing as mp
+from pipeline.train import buckets
 from torch.utils.checkpoint import checkpoint
 
-from conftest import pick_port
-from pipeline import buckets
+from helpers import pick_port
 
 MICRO = 4
 # Bucket sizes in elements: one parameter per bucket, sizes that cut no parameter boundary evenly, one bucket.
@@ -193,14 +193,15 @@ def test_engine_in_channels_last_starts_on_several_ranks(tmp_path):
 
 
 def demo_engine(rank: int, port: int, overrides: list[str], channels_last: bool = False):
-    """Rank `rank` of the demo's 2 ranks, started as pipeline.train starts one; its engine and config."""
-    from pipeline import config, dsconfig, engine, model, train
+    """Rank `rank` of the demo's 2 ranks, started as pipeline.train.loop starts one; its engine and config."""
+    from pipeline import config, dsconfig
+    from pipeline.train import distributed, engine, model
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), overrides)
     plan = config.resolve(cfg)
-    train.init_distributed(cfg)
+    distributed.init_distributed(cfg)
     torch.manual_seed(0)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
                                     channels_last=channels_last)
@@ -311,7 +312,7 @@ def misuse_main(rank, port, out_dir):
 
 def test_a_cpu_rank_reuses_freed_memory_from_step_to_step(tmp_path):
     """Our buckets keep their buffers, so glibc's thresholds never rise as they do when DeepSpeed frees
-    its flat gradient copy each step: without train.keep_freed_memory, a demo step returned its
+    its flat gradient copy each step: without distributed.keep_freed_memory, a demo step returned its
     activations to the kernel and faulted them back in (~4,600 page faults, ~10% of the step)."""
     mp.start_processes(faults_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
     for rank in range(2):

@@ -12,10 +12,11 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from pipeline import config
+from pipeline.data import decode, order, streams, workers
+from pipeline.data.manifest import load_manifest
+from pipeline.train import loop
 from torchvision.transforms import v2
-
-from pipeline import config, data
-from pipeline.manifest import load_manifest
 
 PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo
 
@@ -28,16 +29,16 @@ def demo_data_cfg(**changes):
 def global_stream(manifest, seed, epoch) -> list[str]:
     """Keys of the epoch's one global stream, read with plain webdataset in the epoch's shard order."""
     urls = manifest.urls()
-    order = data.epoch_order(len(urls), seed, epoch)
-    return [s["__key__"] for s in wds.WebDataset([urls[i] for i in order], shardshuffle=False)]
+    shard_order = order.epoch_order(len(urls), seed, epoch)
+    return [s["__key__"] for s in wds.WebDataset([urls[i] for i in shard_order], shardshuffle=False)]
 
 
 def plan_rows(stream, workers) -> list[dict]:
-    return list(data.rank_plan(stream, max(workers, 1)))
+    return list(streams.rank_plan(stream, max(workers, 1)))
 
 
 def train_stream(manifest, cfg, n, rank, world, seed=0, epoch=0, start_step=0):
-    stream = data.TrainStream(manifest, cfg, n, config.micro_batches_per_rank(manifest.num_samples, world, n, 1),
+    stream = streams.TrainStream(manifest, cfg, n, config.micro_batches_per_rank(manifest.num_samples, world, n, 1),
                               rank, world, seed)
     stream.set_epoch(epoch, start_step)
     return stream
@@ -83,8 +84,8 @@ def test_each_epoch_a_new_permutation_and_a_new_remainder(shard_dir):
     assert epoch_keys(0) == epoch_keys(0) and epoch_keys(0) != epoch_keys(1) and epoch_keys(0) != epoch_keys(0, seed=1)
 
 
-def loader_batches(stream, cfg) -> list[data.Batch]:
-    return list(data.loader(stream, cfg, pin_memory=False))
+def loader_batches(stream, cfg) -> list[streams.Batch]:
+    return list(workers.loader(stream, cfg, pin_memory=False))
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -99,6 +100,20 @@ def test_loader_yields_what_inspect_lists(shard_dir, workers):
     for batch in batches:
         assert batch.images.shape == (8, 3, cfg.image_size, cfg.image_size) and batch.images.dtype == torch.uint8
         assert batch.labels.tolist() == [labels[k] for k in batch.keys] and batch.corrupt == 0
+
+
+def test_making_a_stream_starts_no_process(shard_dir):
+    """Only a loader with workers starts processes: a stream (as inspect makes them) starts none, not even
+    the forkserver."""
+    script = ("import multiprocessing.forkserver, sys\n"
+              "from pipeline.data.manifest import load_manifest\n"
+              "from pipeline.data.streams import TrainStream\n"
+              "from pipeline import config\n"
+              "stream = TrainStream(load_manifest(sys.argv[1], 'train'), config.preset('demo').data, 8, 2, 0, 1, 0)\n"
+              "stream.set_epoch(0)\n"
+              "print(multiprocessing.forkserver._forkserver._forkserver_pid, multiprocessing.active_children())\n")
+    out = subprocess.run([sys.executable, "-c", script, str(shard_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "[]"]
 
 
 def test_inspect_cli_prints_the_plan(shard_dir):
@@ -118,7 +133,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(shard_dir, workers):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=workers)
     stream = train_stream(manifest, cfg, 8, 0, 2, epoch=2)
-    batches = data.loader(stream, cfg, pin_memory=False)  # one persistent loader for every pass
+    batches = workers.loader(stream, cfg, pin_memory=False)  # one persistent loader for every pass
     full = list(batches)
     for start in (1, 5, 14, 15):
         stream.set_epoch(2, start)
@@ -130,7 +145,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(shard_dir, workers):
 
 def test_more_workers_than_batches(shard_dir):
     cfg = demo_data_cfg(workers=3)
-    stream = data.TrainStream(load_manifest(shard_dir, "train"), cfg, 8, 2, 0, 1, seed=0)  # 2 batches, 3 workers
+    stream = streams.TrainStream(load_manifest(shard_dir, "train"), cfg, 8, 2, 0, 1, seed=0)  # 2 batches, 3 workers
     stream.set_epoch(0)
     batches = loader_batches(stream, cfg)
     assert [b.keys for b in batches] == [r["keys"] for r in plan_rows(stream, 3)] and len(batches) == 2
@@ -140,7 +155,7 @@ def test_augmentation_is_seeded_by_epoch_and_leaves_the_callers_generator_alone(
     """One shard, no shuffle: the same photos in the same order every epoch, cropped anew each epoch."""
     photo = open(PHOTO, "rb").read()
     manifest = write_shard_dir(tmp_path, [{"__key__": f"s{i}", "jpg": photo, "cls": b"0"} for i in range(8)])
-    stream = data.TrainStream(manifest, imagenet_cfg(shuffle_buffer=1, workers=0), 4, 2, 0, 1, seed=0)
+    stream = streams.TrainStream(manifest, imagenet_cfg(shuffle_buffer=1, workers=0), 4, 2, 0, 1, seed=0)
     def epoch_images(epoch):
         stream.set_epoch(epoch)
         return [b.images for b in stream]
@@ -158,7 +173,7 @@ def test_persistent_workers_follow_set_epoch(shard_dir):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=2)
     stream = train_stream(manifest, cfg, 8, 0, 2, epoch=0)
-    batches = data.loader(stream, cfg, pin_memory=False)
+    batches = workers.loader(stream, cfg, pin_memory=False)
     epochs = []
     for epoch in range(2):
         stream.set_epoch(epoch)
@@ -181,7 +196,7 @@ def test_resume_opens_no_consumed_shard_and_reads_pipe_urls(shard_dir, tmp_path)
     stream.set_epoch(0, 20)  # sample 160, where the 9th shuffle block of 20 samples starts
     rest = loader_batches(stream, cfg)
     assert [b.keys for b in rest] == [b.keys for b in full[20:]]
-    counts = [manifest.shards[i]["num_samples"] for i in data.epoch_order(10, 0, 0)]
+    counts = [manifest.shards[i]["num_samples"] for i in order.epoch_order(10, 0, 0)]
     consumed = sum(1 for i in range(10) if sum(counts[: i + 1]) <= 160)  # shards wholly before sample 160
     assert consumed >= 5 and log.read_text().split() == opened_full[consumed:]
 
@@ -198,7 +213,7 @@ def test_eval_sees_every_image_exactly_once(shard_dir, world, workers):
     cfg = demo_data_cfg(workers=workers)
     keys = collections.Counter()
     for rank in range(world):
-        for batch in loader_batches(data.EvalStream(manifest, cfg, 8, rank, world), cfg):
+        for batch in loader_batches(streams.EvalStream(manifest, cfg, 8, rank, world), cfg):
             keys.update(batch.keys)
     assert set(keys.values()) == {1} and sum(keys.values()) == manifest.num_samples == 70
 
@@ -231,7 +246,7 @@ def test_corrupt_jpeg_is_replaced_and_counted_in_training_but_fails_evaluation(t
     samples[6] = {"__key__": "cut photo", "jpg": photo[: len(photo) // 2], "cls": b"0"}  # reduced-size path
     manifest = write_shard_dir(tmp_path, samples)
     cfg = dataclasses.replace(demo_data_cfg(workers=workers), image_size=24, eval_resize=24)
-    stream = data.TrainStream(manifest, cfg, 4, 2, 0, 1, seed=0)
+    stream = streams.TrainStream(manifest, cfg, 4, 2, 0, 1, seed=0)
     stream.set_epoch(0)
     batches = loader_batches(stream, cfg)
     assert [len(b.keys) for b in batches] == [4, 4] and sum(b.corrupt for b in batches) == 3
@@ -243,12 +258,12 @@ def test_corrupt_jpeg_is_replaced_and_counted_in_training_but_fails_evaluation(t
     for key in ("broken", "empty", "cut photo"):
         assert f"{key!r} is not a decodable image" in err
     with pytest.raises(ValueError, match="'broken' is not a decodable image.*pipeline.shards verify"):
-        loader_batches(data.EvalStream(manifest, cfg, 4, 0, 1), cfg)
+        loader_batches(streams.EvalStream(manifest, cfg, 4, 0, 1), cfg)
 
 
 def test_a_batch_of_nothing_but_corrupt_samples_is_an_error(tmp_path):
     manifest = write_shard_dir(tmp_path, [{"__key__": f"s{i}", "jpg": b"junk", "cls": b"0"} for i in range(4)])
-    stream = data.TrainStream(manifest, demo_data_cfg(), 4, 1, 0, 1, seed=0)
+    stream = streams.TrainStream(manifest, demo_data_cfg(), 4, 1, 0, 1, seed=0)
     stream.set_epoch(0)
     with pytest.raises(ValueError, match="4 of the 4 samples of a batch do not decode.*pipeline.shards verify"):
         list(stream)
@@ -262,16 +277,16 @@ class Boom:
 def test_other_members_never_reach_pickle(tmp_path):
     manifest = write_shard_dir(tmp_path, [{"__key__": "a", "jpg": jpeg((0, 0, 0)), "cls": b"1",
                                            "pyd": pickle.dumps(Boom()), "pickle": pickle.dumps(Boom())}])
-    samples = list(data.read_segments([data.Segment(manifest.urls()[0], 0, 1)]))
+    samples = list(streams.read_segments([order.Segment(manifest.urls()[0], 0, 1)]))
     assert set(samples[0]) == {"__key__", "__url__", "jpg", "cls"}
-    stream = data.EvalStream(manifest, demo_data_cfg(), 1, 0, 1)
+    stream = streams.EvalStream(manifest, demo_data_cfg(), 1, 0, 1)
     assert [b.keys for b in stream] == [["a"]]
 
 
 def test_short_shard_is_an_error(shard_dir):
     manifest = load_manifest(shard_dir, "val")
     with pytest.raises(ValueError, match="does not match its manifest"):
-        list(data.read_segments([data.Segment(manifest.urls()[0], 20, 10)]))
+        list(streams.read_segments([order.Segment(manifest.urls()[0], 20, 10)]))
 
 
 def imagenet_cfg(**changes):
@@ -296,7 +311,7 @@ def test_eval_decode_equals_resize_then_centre_crop():
     for cfg in (imagenet_cfg(eval_resize=384, image_size=320), imagenet_cfg(),
                 imagenet_cfg(eval_resize=128, image_size=112)):  # full, 1/2 and 1/4 size decode
         ref = v2.Compose([v2.Resize(cfg.eval_resize), v2.CenterCrop(cfg.image_size)])(Image.open(PHOTO))
-        assert_same_picture(data.decode_eval(photo, cfg).float(), v2.functional.pil_to_tensor(ref).float())
+        assert_same_picture(decode.decode_eval(photo, cfg).float(), v2.functional.pil_to_tensor(ref).float())
 
 
 @pytest.mark.parametrize("side", [400, 512])  # full-size decode; 1/2 size (512 >= 2 * 224)
@@ -309,7 +324,7 @@ def test_train_decode_full_crop_is_the_resized_photo(side):
     flips = set()
     for seed in range(8):
         torch.manual_seed(seed)
-        ours = data.decode_train(square.getvalue(), cfg).float()
+        ours = decode.decode_train(square.getvalue(), cfg).float()
         flipped = (ours - ref.flip(-1)).abs().mean() < (ours - ref).abs().mean()
         flips.add(bool(flipped))
         assert_same_picture(ours, ref.flip(-1) if flipped else ref)
@@ -320,24 +335,23 @@ def test_train_crops_vary_in_scale_and_aspect():
     cfg = imagenet_cfg()
     photo = open(PHOTO, "rb").read()
     torch.manual_seed(0)
-    crops = [data.decode_train(photo, cfg) for _ in range(4)]
+    crops = [decode.decode_train(photo, cfg) for _ in range(4)]
     assert all(c.shape == (3, 224, 224) and c.dtype == torch.uint8 for c in crops)
     assert len({c.float().mean().round().item() for c in crops}) > 1
 
 
 def test_normalize_uses_mean_and_std():
     cfg = demo_data_cfg(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    out = data.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), cfg)
+    out = decode.normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), cfg)
     assert torch.allclose(out, torch.full_like(out, 2.0))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_gpu_batches_are_pinned_and_reach_the_model_channels_last(shard_dir):
-    from pipeline import train
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=2)
-    batch = next(iter(data.loader(train_stream(manifest, cfg, 8, 0, 1), cfg, pin_memory=True)))
+    batch = next(iter(workers.loader(train_stream(manifest, cfg, 8, 0, 1), cfg, pin_memory=True)))
     assert batch.images.is_pinned() and batch.keys and batch.corrupt == 0
-    x = train.model_input(batch.images, config.preset("demo"), torch.device("cuda"))
+    x = loop.model_input(batch.images, config.preset("demo"), torch.device("cuda"))
     assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)

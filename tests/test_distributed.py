@@ -5,10 +5,12 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from pipeline import config, dsconfig
+from pipeline.data import streams, workers
+from pipeline.data.manifest import load_manifest
+from pipeline.train import distributed, engine, loop, model
 
-from pipeline import config, data, dsconfig, engine, model, train
-from pipeline.manifest import load_manifest
-from test_schedule import GOLDEN_8K
+from helpers import GOLDEN_8K
 
 WORLD = 2
 STEPS = 2
@@ -22,10 +24,10 @@ def small_config(shard_dir) -> config.Config:
 
 def batches(cfg, rank, world):
     manifest = load_manifest(cfg.data.shards, "train")
-    stream = data.TrainStream(manifest, cfg.data, cfg.train.micro_batch, STEPS, rank, world, cfg.train.seed)
+    stream = streams.TrainStream(manifest, cfg.data, cfg.train.micro_batch, STEPS, rank, world, cfg.train.seed)
     stream.set_epoch(0)
     cpu = torch.device("cpu")
-    return [(train.model_input(b.images, cfg, cpu), b.labels) for b in data.loader(stream, cfg.data, False)]
+    return [(loop.model_input(b.images, cfg, cpu), b.labels) for b in workers.loader(stream, cfg.data, False)]
 
 
 def start_engine(cfg, rank, world, port):
@@ -33,7 +35,7 @@ def start_engine(cfg, rank, world, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     plan = config.resolve(cfg)
-    train.init_distributed(cfg)
+    distributed.init_distributed(cfg)
     torch.manual_seed(0)
     return engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
 
@@ -51,7 +53,7 @@ def rank_main(rank, shard_dir, port, out_dir):
         ds_engine(x)  # this rank's own batch moves its BN running statistics away from the other rank's
     bn = ds_engine.module.bn1
     before = (bn.running_mean.clone(), bn.running_var.clone())
-    train.average_bn_statistics(ds_engine.module)
+    distributed.average_bn_statistics(ds_engine.module)
     torch.save({"state": state, "lr": ds_engine.get_lr()[0], "bn_before": before,
                 "bn_after": (bn.running_mean, bn.running_var)}, out_dir / f"rank{rank}.pt")
 
@@ -137,7 +139,7 @@ def schedule_main(rank, port, out_dir):
         "cluster.nodes=1", "cluster.gpus_per_node=1", "train.micro_batch=8192", "cluster.cpus_per_task=1"])
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 3))
     plan = config.resolve(cfg)
-    train.init_distributed(cfg)
+    distributed.init_distributed(cfg)
     ds_engine = engine.build_engine(torch.nn.Linear(2, 2), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     x, lrs = torch.zeros(1, 2), []
     for _ in range(plan.total_steps):

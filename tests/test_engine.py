@@ -2,8 +2,9 @@ import json
 
 import pytest
 import torch
-
-from pipeline import config, dsconfig, engine, model
+from pipeline import config, dsconfig
+from pipeline.data import streams
+from pipeline.train import engine, loop, model
 
 
 def plan_of(cfg):
@@ -65,14 +66,14 @@ def test_recipe_breaking_keys_are_rejected_naming_the_file(raw, message):
 def test_weight_decay_skips_bn_and_biases():
     cfg = config.preset("demo")
     net = model.build(cfg.model)
-    decay, no_decay = engine.param_groups(net, cfg)
+    decay, no_decay = engine.param_groups(net, cfg.optim)
     bn = {id(p) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
     assert {id(p) for p in no_decay["params"]} == bn | {id(net.fc.bias)}
     assert all(p.dim() > 1 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
     with_bn = config.apply_overrides(cfg, ["optim.weight_decay_bn=true"])
-    assert {id(p) for p in engine.param_groups(net, with_bn)[1]["params"]} == {id(net.fc.bias)}
+    assert {id(p) for p in engine.param_groups(net, with_bn.optim)[1]["params"]} == {id(net.fc.bias)}
 
 
 def test_model_init_follows_the_paper():
@@ -139,16 +140,15 @@ def test_nesterov_switch_reaches_the_update(nesterov):
 
 
 def test_precise_bn_sets_statistics_to_the_plain_average_over_batches():
-    from pipeline import data, train
     cfg = config.preset("demo")
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    batches = [data.Batch(torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8), torch.zeros(8), [], 0)
+    batches = [streams.Batch(torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8), torch.zeros(8), [], 0)
                for _ in range(4)]
     net = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
     net[0].running_mean.fill_(7.0)
-    train.precise_bn(net, iter(batches), 3, cfg, cpu)
-    inputs = [train.model_input(b.images, cfg, cpu) for b in batches[:3]]  # the 4th batch is never read
+    loop.precise_bn(net, iter(batches), 3, cfg, cpu)
+    inputs = [loop.model_input(b.images, cfg, cpu) for b in batches[:3]]  # the 4th batch is never read
     want_mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs]).mean(0)
     want_var = torch.stack([x.var(dim=(0, 2, 3)) for x in inputs]).mean(0)  # unbiased, as BN stores it
     torch.testing.assert_close(net[0].running_mean, want_mean)

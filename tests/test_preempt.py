@@ -9,8 +9,7 @@ import textwrap
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from pipeline import preempt
+from pipeline.train import preempt
 
 WORLD = 3
 SIGNALLED_RANK, SIGNALLED_AT = 2, 5
@@ -56,16 +55,18 @@ def test_loader_workers_outlive_usr2_and_term_sent_to_the_whole_process_group(sh
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent("""
         import os, signal, sys
-        from pipeline import config, data, preempt
-        from pipeline.manifest import load_manifest
+        from pipeline import config
+        from pipeline.data import streams, workers
+        from pipeline.train import preempt
+        from pipeline.data.manifest import load_manifest
 
         if __name__ == "__main__":
             stop = preempt.StopRequest().install()
             cfg = config.apply_overrides(config.preset("demo"), ["data.shards=" + sys.argv[1], "data.workers=2",
                                                                  "data.train_samples=240", "train.micro_batch=8"])
-            stream = data.TrainStream(load_manifest(cfg.data.shards, "train"), cfg.data, 8, 30, 0, 1, 0)
+            stream = streams.TrainStream(load_manifest(cfg.data.shards, "train"), cfg.data, 8, 30, 0, 1, 0)
             stream.set_epoch(0)
-            batches = iter(data.loader(stream, cfg.data, False))
+            batches = iter(workers.loader(stream, cfg.data, False))
             seen = [next(batches)]
             os.killpg(0, signal.SIGUSR2)
             os.killpg(0, signal.SIGTERM)

@@ -1,4 +1,4 @@
-from pipeline import report
+from pipeline.train import report
 
 
 def evals(errors):

@@ -5,8 +5,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from pipeline import config, sbatch
+from pipeline import config
+from pipeline.launch import sbatch
 
 GOLDEN = Path(__file__).parent / "golden" / "train_bs8k.sbatch"
 RUN_DIR = Path("/scratch/runs/it's a \"run\"; rm -rf x")

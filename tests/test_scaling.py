@@ -5,8 +5,8 @@ import json
 import math
 
 import pytest
-
-from pipeline import scaling
+from pipeline.scaling import model as scaling
+from pipeline.scaling.__main__ import main as scaling_main
 
 R50 = 25_557_032  # ResNet-50's gradient elements: ~100 MB in fp32 (paper 4)
 
@@ -102,12 +102,12 @@ def test_hardware_files_round_trip_and_say_what_is_missing(tmp_path):
     (["--bucket", "-5"], "--bucket -5"),
 ])
 def test_cli_refuses_bad_numbers(flags, message, capsys):
-    assert scaling.main(flags) == 2
+    assert scaling_main(flags) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_table(capsys):
-    assert scaling.main(["--nodes", "1,32"]) == 0
+    assert scaling_main(["--nodes", "1,32"]) == 0
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1].split()
     assert last[:2] == ["32", "256"] and math.isclose(float(last[-1].rstrip("%")), 96.7, abs_tol=0.1)

@@ -1,9 +1,8 @@
 import pytest
+from pipeline import config
+from pipeline.train import schedule
 
-from pipeline import config, schedule
-
-# Paper 2.2 / 5.1 at kn=8192: 0.1 -> 3.2 over 5 epochs, then x0.1 at epochs 30, 60, 80.
-GOLDEN_8K = [(0.0, 0.1), (2.5, 1.65), (5.0, 3.2), (29.9, 3.2), (30.0, 0.32), (60.0, 0.032), (80.0, 0.0032), (89.9, 0.0032)]
+from helpers import GOLDEN_8K
 
 
 @pytest.mark.parametrize("epoch, lr", GOLDEN_8K)

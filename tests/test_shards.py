@@ -14,11 +14,11 @@ import matplotlib.cbook
 import pytest
 import webdataset as wds
 from PIL import Image
-
-from pipeline import shards
-from pipeline.manifest import load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.shards import convert, sources
 from pipeline.shards.__main__ import main as shards_main
-from conftest import TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_sample, write_tree
+
+from helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_sample, write_tree
 
 
 def read_all(manifest):
@@ -26,13 +26,13 @@ def read_all(manifest):
 
 
 def test_round_trip(image_tree, shard_dir):
-    classes = shards.list_classes(image_tree)
+    classes = sources.list_classes(image_tree)
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         manifest = load_manifest(shard_dir, split)
         assert manifest.classes == classes
         assert manifest.num_samples == per_class * len(classes)
         assert manifest.shards[-1]["num_samples"] == (manifest.num_samples % 25 or 25)
-        files = {shards.sample_key(str(p.relative_to(image_tree))): p for p in (image_tree / split).rglob("*.JPEG")}
+        files = {sources.sample_key(str(p.relative_to(image_tree))): p for p in (image_tree / split).rglob("*.JPEG")}
         samples = read_all(manifest)
         assert len(samples) == manifest.num_samples
         assert len({k for k, _, _ in samples}) == len(samples)
@@ -47,12 +47,12 @@ def test_round_trip(image_tree, shard_dir):
 def test_train_order_is_shuffled_and_reproducible(image_tree, shard_dir, tmp_path):
     samples = read_all(load_manifest(shard_dir, "train"))
     assert len({label for _, label, _ in samples[:25]}) > 3  # a class-sorted shard would hold one or two classes
-    shards.convert(image_tree, tmp_path / "again", shard_samples=25)
+    convert.convert(image_tree, tmp_path / "again", shard_samples=25)
     assert [k for k, _, _ in read_all(load_manifest(tmp_path / "again", "train"))] == [k for k, _, _ in samples]
     for split in ("train", "val"):  # byte-identical shards: the same checksums
         again = load_manifest(tmp_path / "again", split)
         assert again.shards == load_manifest(shard_dir, split).shards
-    shards.convert(image_tree, tmp_path / "other seed", shard_samples=25, seed=1)
+    convert.convert(image_tree, tmp_path / "other seed", shard_samples=25, seed=1)
     assert [k for k, _, _ in read_all(load_manifest(tmp_path / "other seed", "train"))] != [k for k, _, _ in samples]
 
 
@@ -74,7 +74,7 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
     (folder / "truncated.JPEG").write_bytes(good.getvalue()[:200])
     (folder / "empty.JPEG").write_bytes(b"")
     (folder / "notes.JPEG").write_text("not an image")
-    shards.convert(root, tmp_path / "out", shard_samples=4)
+    convert.convert(root, tmp_path / "out", shard_samples=4)
     manifest = load_manifest(tmp_path / "out", "train")
     skipped = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in manifest.skipped}
     assert set(skipped) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
@@ -87,25 +87,25 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
 
 def test_rerun_keeps_finished_shards(image_tree, shard_dir, capsys):
     before = (shard_dir / "train.json").read_text()
-    shards.convert(image_tree, shard_dir, shard_samples=25)
+    convert.convert(image_tree, shard_dir, shard_samples=25)
     assert capsys.readouterr().err.count("(0 shards written now)") == 2
     assert (shard_dir / "train.json").read_text() == before
 
 
 def test_a_rerun_converts_files_added_since(tmp_path):
     root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
-    shards.convert(root, tmp_path / "out", shard_samples=4)
+    convert.convert(root, tmp_path / "out", shard_samples=4)
     shutil.copy(next((root / "train" / "01_trouser").iterdir()), root / "train" / "01_trouser" / "added.JPEG")
-    shards.convert(root, tmp_path / "out", shard_samples=4)
-    shards.convert(root, tmp_path / "fresh", shard_samples=4)
+    convert.convert(root, tmp_path / "out", shard_samples=4)
+    convert.convert(root, tmp_path / "fresh", shard_samples=4)
     assert manifests(tmp_path / "out") == manifests(tmp_path / "fresh")
     assert load_manifest(tmp_path / "out", "train").num_samples == 21
 
 
 def test_force_with_new_settings_keeps_nothing_of_the_old_conversion(tmp_path):
     root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
-    shards.convert(root, tmp_path / "out", shard_samples=4)
-    shards.convert(root, tmp_path / "out", shard_samples=4, max_side=16, force=True)
+    convert.convert(root, tmp_path / "out", shard_samples=4)
+    convert.convert(root, tmp_path / "out", shard_samples=4, max_side=16, force=True)
     for split in ("train", "val"):
         manifest = load_manifest(tmp_path / "out", split)
         assert json.loads(manifest.path.read_text())["mode"] == "max_side=16"
@@ -152,7 +152,7 @@ def test_deep_verify_decodes_every_image(tmp_path, capsys):
     """A shard whose bytes match the manifest but holds an undecodable JPEG: only --deep sees it."""
     out = tmp_path / "shards"
     root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
-    shards.convert(root, out, shard_samples=4)
+    convert.convert(root, out, shard_samples=4)
     manifest = json.loads((out / "val.json").read_text())
     path = out / manifest["shards"][0]["name"]
     key = truncate_sample(path, index=1, keep=300)
@@ -173,12 +173,12 @@ def manifests(out):
 
 
 def test_parallel_and_array_task_conversions_equal_the_serial_one(image_tree, tmp_path):
-    shards.convert(image_tree, tmp_path / "serial", shard_samples=7)
-    shards.convert(image_tree, tmp_path / "parallel", shard_samples=7, workers=2)
+    convert.convert(image_tree, tmp_path / "serial", shard_samples=7)
+    convert.convert(image_tree, tmp_path / "parallel", shard_samples=7, workers=2)
     for task in range(3):  # three array tasks, then the merging run
-        shards.convert(image_tree, tmp_path / "tasks", shard_samples=7, task=(task, 3))
+        convert.convert(image_tree, tmp_path / "tasks", shard_samples=7, task=(task, 3))
     assert not (tmp_path / "tasks" / "train.json").exists()
-    shards.convert(image_tree, tmp_path / "tasks", shard_samples=7)
+    convert.convert(image_tree, tmp_path / "tasks", shard_samples=7)
     want = manifests(tmp_path / "serial")
     assert manifests(tmp_path / "parallel") == want and manifests(tmp_path / "tasks") == want
 
@@ -197,7 +197,7 @@ def test_a_killed_conversion_resumes_to_the_same_manifest(image_tree, tmp_path):
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar") if (out / ".parts" / f"{p.name}.json").exists()}
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert all((out / name).stat().st_mtime_ns == mtime for name, mtime in finished.items())  # kept, not rewritten
-    shards.convert(image_tree, tmp_path / "whole", shard_samples=2)
+    convert.convert(image_tree, tmp_path / "whole", shard_samples=2)
     assert manifests(out) == manifests(tmp_path / "whole")
     assert not list(out.glob(".*.partial"))
 
@@ -213,7 +213,7 @@ def test_a_full_disk_stops_without_a_half_written_shard(image_tree, tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
     try:
         with pytest.raises(OSError, match="the disk is full .*rerun the same command: finished shards are kept"):
-            shards.convert(image_tree, disk / "out", shard_samples=25)
+            convert.convert(image_tree, disk / "out", shard_samples=25)
         assert not list((disk / "out").glob(".*.partial"))
         records = {p.name[:-5] for p in (disk / "out" / ".parts").glob("train-*.json")}
         assert records and records == {p.name for p in (disk / "out").glob("train-*.tar")}
@@ -242,7 +242,7 @@ def test_flat_val_with_the_devkits_csv_or_a_two_column_list(image_tree, shard_di
     want = sorted((label, jpg) for _, label, jpg in read_all(load_manifest(shard_dir, "val")))
     for i, labels_file in enumerate((csv, listing)):
         out = tmp_path / f"out{i}"
-        shards.convert(tmp_path / "src", out, shard_samples=25, val_labels=labels_file)
+        convert.convert(tmp_path / "src", out, shard_samples=25, val_labels=labels_file)
         assert sorted((label, jpg) for _, label, jpg in read_all(load_manifest(out, "val"))) == want
 
 
@@ -265,14 +265,14 @@ def test_max_side_reencodes_only_larger_images(tmp_path):
     root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
     photo = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     shutil.copy(photo, root / "train" / "00_tshirt_top" / "big.JPEG")
-    shards.convert(root, tmp_path / "out", shard_samples=4, max_side=100)
+    convert.convert(root, tmp_path / "out", shard_samples=4, max_side=100)
     manifest = load_manifest(tmp_path / "out", "train")
     raw = json.loads(manifest.path.read_text())
     assert raw["mode"] == "max_side=100"
     samples = {key: jpg for key, _, jpg in read_all(manifest)}
     big = Image.open(io.BytesIO(samples.pop("train_00_tshirt_top_big")))
     assert big.size == (85, 100)  # 512x600 scaled to a longer side of 100, aspect kept
-    files = {shards.sample_key(str(p.relative_to(root))): p.read_bytes() for p in (root / "train").rglob("*.JPEG")}
+    files = {sources.sample_key(str(p.relative_to(root))): p.read_bytes() for p in (root / "train").rglob("*.JPEG")}
     assert all(jpg == files[key] for key, jpg in samples.items())  # 28 px images copied untouched
 
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline import config
+from pipeline.train import metrics, schedule
 
-from conftest import SMALL, run_module, truncate_sample
-from pipeline import config, metrics, schedule
+from helpers import SMALL, run_module, truncate_sample
 
 
 def submit(*args, cwd=None):

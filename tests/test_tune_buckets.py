@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from pipeline import config, dsconfig
+from pipeline.scaling import model as scaling
 
-from conftest import run_module
-from pipeline import config, dsconfig, scaling
+from helpers import run_module
 
 
 def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(weird_root):

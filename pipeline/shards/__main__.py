@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.shards import __doc__ as DESCRIPTION
-from pipeline.shards import DEFAULT_SHARD_SAMPLES, BadShard, convert, verify
+from pipeline.shards.convert import DEFAULT_SHARD_SAMPLES, convert
+from pipeline.shards.convert import __doc__ as DESCRIPTION
+from pipeline.shards.verify import BadShard, verify
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,9 @@
-"""DeepSpeed checkpoints in the run folder: at the end of every epoch and when a job is stopped; resuming
-from the newest complete one.
+"""DeepSpeed checkpoints in the run folder, and resuming from the newest complete one.
 
-A tag folder holds DeepSpeed's model states (weights, SGD momentum, lr scheduler, global step, and our
-client state: the config and the loader position) plus one file per rank with what differs between
-ranks: RNG states and the model's buffers. BN running statistics are per rank (each rank normalises its
-own 32 images) until an evaluation averages them; DeepSpeed saves rank 0's only, and a resumed rank 1
-with rank 0's statistics would evaluate a different model than an uninterrupted run. `latest` names the
-newest complete tag. DeepSpeed writes `latest` in place and before other ranks are done; we write it
-ourselves, atomically and only after every rank has finished its files, so a job killed mid-save resumes
-from the previous checkpoint and never from a half-written one.
+A tag holds DeepSpeed's states (with the config and the loader position as client state) and one file per
+rank with its RNG states and buffers (BN statistics differ per rank; DeepSpeed saves rank 0's only).
+`latest` is written by us, atomically, after every rank's files: a job killed mid-save resumes from the
+checkpoint before (docs/preemption.md).
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import differences
+from pipeline.train.distributed import is_primary
 
 
 def directory(run_dir: Path) -> Path:
@@ -59,7 +55,7 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     buffers = {name: buffer.cpu() for name, buffer in engine.module.named_buffers()}
     torch.save({"rng": _rng_state(), "buffers": buffers}, _rank_file(ckpt / tag, dist.get_rank()))
     dist.barrier()  # every rank's files are written: only now is the tag complete
-    if dist.get_rank() == 0:
+    if is_primary():
         partial = ckpt / "latest.partial"
         with open(partial, "w") as f:
             f.write(tag)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import submitit
 
-from pipeline import preempt
+from pipeline.train import preempt
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Runs pipeline.train.run(run_dir) on every rank.
+    """Runs pipeline.train.loop.run(run_dir) on every rank.
 
     On SIGUSR2 or SIGTERM every rank checkpoints after the same step, then rank 0 hands the signal to
     submitit, whose Checkpointable.checkpoint() requeues this same object; the requeued job resumes from
-    that checkpoint (pipeline.preempt).
+    that checkpoint (pipeline.train.preempt).
     """
 
     def __init__(self, run_dir: Path):
@@ -26,18 +26,18 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         stop = preempt.StopRequest().install()  # before the slow imports: no signal is missed
-        from pipeline import train
+        from pipeline.train import loop
 
-        return train.run(self.run_dir, stop)
+        return loop.run(self.run_dir, stop)
 
 
 class TuneJob:
-    """Runs pipeline.tune_buckets.measure on every rank; rank 0's result carries the table."""
+    """Runs pipeline.train.tune.measure on every rank; rank 0's result carries the table."""
 
     def __init__(self, run_dir: Path, sizes: list[int], steps: int, rounds: int, write: Path | None):
         self.run_dir, self.sizes, self.steps, self.rounds, self.write = Path(run_dir), sizes, steps, rounds, write
 
     def __call__(self) -> dict:
-        from pipeline import tune_buckets
+        from pipeline.train import tune
 
-        return tune_buckets.measure(self.run_dir, self.sizes, self.steps, self.rounds, self.write)
+        return tune.measure(self.run_dir, self.sizes, self.steps, self.rounds, self.write)

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pipeline import metrics
+from pipeline.train import metrics
 
 SUBMITTED = "submitted.json"
 SWEEP = "sweep.json"

@@ -1,44 +1,15 @@
-"""Preemption and time limits: every rank stops at the same step boundary, checkpoints, and the job
-requeues itself.
-
-Slurm signals every process of a job step: SIGUSR2 some time before the time limit (`--signal=USR2@90`,
-submitit's signal), SIGTERM at the limit, on preemption and on scancel. A signal only sets a flag here;
-the ranks agree on the flags at each optimizer-step boundary (one small allreduce, read one step later so
-that no rank waits on it), so all of them stop after the same step and write one consistent checkpoint.
-
-Requeueing is one rank's job:
-- under submitit, rank 0 hands the signal to submitit's own handler, which pickles the job again
-  (`Checkpointable.checkpoint`), runs `scontrol requeue` and counts timeouts against `max_num_timeout`.
-  submitit calls that handler on rank 0 only and at any instruction, mid-allreduce included; that is why
-  our handler replaces it during training and gives it the signal once the checkpoint is written.
-- under plain srun (slurm/train.sbatch), rank 0 runs `scontrol requeue` itself, at most
-  `--max-requeues` times (Slurm counts them in SLURM_RESTART_COUNT).
+"""Every rank stops after the same optimizer step when Slurm signals the job, and rank 0 requeues it once
+the checkpoint is complete: through submitit's own handler, or `scontrol requeue` under plain srun.
+docs/preemption.md tells the whole story; the code-level reasons are at each function.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 
-SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_blocked():
-    """Block SIGUSR2 and SIGTERM in this thread meanwhile.
-
-    A process started meanwhile keeps them blocked (the mask survives fork and exec): helper processes
-    (the DataLoader's forkserver and every worker it forks) must outlive the signals, or a worker killed by
-    SIGUSR2 fails its rank before the rank reaches the step boundary where it checkpoints. Signals that
-    arrive meanwhile wait and are delivered when the block ends.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+from pipeline.signals import STOP_SIGNALS
 
 
 class StopRequest:
@@ -50,7 +21,10 @@ class StopRequest:
         self._pending = None  # (work, flag) of the allreduce started by the last poll
 
     def install(self) -> StopRequest:
-        for sig in SIGNALS:
+        """Catch the stop signals from now on. In a submitit job this replaces submitit's handler, which
+        would requeue at whatever instruction the signal lands on, mid-allreduce included; requeue()
+        hands it the signal once the checkpoint is complete."""
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._catch)
         return self
 

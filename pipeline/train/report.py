@@ -6,12 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; clusters have no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from pipeline import metrics  # noqa: E402
+from pipeline.train import metrics
 
 
 def _latest(records: list[dict], kind: str, key: str) -> list[dict]:
@@ -50,6 +45,11 @@ def summarize(evals: list[dict], iters: list[dict]) -> dict:
 
 def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
     """Training loss and validation error against epochs, as a PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; clusters have no display
+    import matplotlib.pyplot as plt
+
     steps_per_epoch = evals[0]["step"] / (evals[0]["epoch"] + 1)
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] / steps_per_epoch for r in iters], [r["loss"] for r in iters])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import Config, wants_gpus
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 # #SBATCH lines are read by sbatch, not by a shell: nothing can be quoted there, so values must be plain.
 PLAIN = re.compile(r"^[A-Za-z0-9_.,:=+@%/-]+$")
 

@@ -1,84 +1,28 @@
 """What every rank runs: stream its part of the shards through the DeepSpeed engine, evaluate, checkpoint.
 
 All state lives in the run folder (config.json, ds_config.json, metrics.jsonl, checkpoints/), so the job
-(pipeline.job.TrainJob) is just that folder's path.
+(pipeline.launch.jobs.TrainJob) is just that folder's path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import os
 import time
 from pathlib import Path
 
-import deepspeed
-import submitit
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, data, metrics, model, preempt, report
 from pipeline.config import Config, Plan, load_run_config, to_dict
-from pipeline.engine import build_engine
-from pipeline.manifest import load_manifest
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def init_distributed(cfg: Config) -> torch.device:
-    """torch.distributed from the environment (submitit's, when RANK is not already set); the rank's device."""
-    if "RANK" not in os.environ:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from Slurm's variables,
-        # replacing any MASTER_ADDR/PORT a login shell may have exported for something else
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    os.environ["OMP_NUM_THREADS"] = str(cfg.cluster.cpus_per_task)  # for every process the rank starts
-    torch.set_num_threads(cfg.cluster.cpus_per_task)
-    backend = cfg.cluster.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        keep_freed_memory()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return device
-
-
-def keep_freed_memory() -> None:
-    """On CPU: let glibc keep freed blocks of up to 32 MiB for the next step instead of giving them back
-    to the kernel, which must then zero fresh pages for them again.
-
-    glibc raises its mmap and trim thresholds to the largest block freed so far. DeepSpeed's own
-    allreduce frees a flat copy of all gradients every step, which raises them far enough; our buckets
-    (pipeline.buckets) keep their buffers, and then activations were unmapped and faulted back in every
-    step: 4,600 page faults per step and a ~10% slower step on the demo model. Fixed thresholds (32 MiB
-    is the most glibc allows for mmap) end that in both modes. Where the C library has no mallopt (not
-    glibc), nothing changes."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-def average_bn_statistics(net: torch.nn.Module) -> None:
-    """Make BN running statistics the mean over ranks, so every rank evaluates the same model.
-
-    BN trains on per-rank statistics (paper 2.3) and so each rank's running averages (or precise-BN
-    averages) differ; they are only used by evaluation, which then sees k times more images behind each
-    estimate. One allreduce of all of them, flattened.
-    """
-    buffers = [buffer for module in net.modules()
-               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-               for buffer in (module.running_mean, module.running_var)]
-    flat = torch.cat([buffer.flatten() for buffer in buffers])
-    dist.all_reduce(flat)  # all_reduce: per-rank BN statistics -> sum, then mean
-    flat.div_(dist.get_world_size())
-    for buffer, mean in zip(buffers, flat.split([buffer.numel() for buffer in buffers])):
-        buffer.copy_(mean.view_as(buffer))
+from pipeline.data.decode import normalize
+from pipeline.data.manifest import load_manifest
+from pipeline.data.streams import EvalStream, TrainStream
+from pipeline.data.workers import loader
+from pipeline.train import checkpoint, metrics, model, preempt, report
+from pipeline.train.distributed import average_bn_statistics, init_distributed, is_primary
+from pipeline.train.engine import build_engine
 
 
 def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -87,7 +31,7 @@ def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torc
 
     Under bf16, DeepSpeed's torch_autocast casts inside the forward; the input stays fp32.
     """
-    x = data.normalize(images.to(device, non_blocking=True), cfg.data)
+    x = normalize(images.to(device, non_blocking=True), cfg.data)
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
 
@@ -134,7 +78,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
         loss = torch.nn.functional.cross_entropy(engine(model_input(batch.images, cfg, device)), labels)
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
-        # optimizer step (pipeline.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
+        # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
         engine.backward(loss)
         lr = engine.get_lr()[0]
         before = engine.global_steps
@@ -165,12 +109,12 @@ def end_after_stop(engine, stop: preempt.StopRequest, tag: str, max_requeues: in
     """After the checkpoint of a stop: rank 0 requeues the job, every rank learns whether it did, the
     stop is logged, and the rank ends: SystemExit when requeued (the job comes back and resumes),
     Stopped otherwise (the message says how to resume)."""
-    requeued, message = stop.requeue(max_requeues) if dist.get_rank() == 0 else (False, "")
+    requeued, message = stop.requeue(max_requeues) if is_primary() else (False, "")
     flag = torch.tensor([requeued], dtype=torch.int32, device=device)
     dist.all_reduce(flag)  # all_reduce: rank 0's outcome -> every rank
     record = log.write("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
                        requeued=bool(flag.item()), message=message)
-    if log.enabled:
+    if is_primary():
         print(metrics.progress_line(record), flush=True)
     if flag.item():
         raise SystemExit(-1)  # no result is recorded: the requeued job finishes the run
@@ -189,8 +133,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     run_dir = Path(run_dir)
     cfg, plan = load_run_config(run_dir)
     device = init_distributed(cfg)
-    primary = dist.get_rank() == 0
-    log = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=primary)
+    log = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=is_primary())
     train_manifest = load_manifest(cfg.data.shards, "train")
     val_manifest = load_manifest(cfg.data.shards, "val")
     for manifest, planned in ((train_manifest, cfg.data.train_samples), (val_manifest, cfg.data.val_samples)):
@@ -219,14 +162,14 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:
         record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
-        if primary:
+        if is_primary():
             print(metrics.progress_line(record), flush=True)
     rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
-    train_stream = data.TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
+    train_stream = TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
                                     plan.steps_per_epoch * cfg.train.grad_accum, rank, world, cfg.train.seed)
-    train_batches = data.loader(train_stream, cfg.data, pin)
-    val_stream = data.EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world)
-    val_batches = data.loader(val_stream, cfg.data, pin, persistent=False)
+    train_batches = loader(train_stream, cfg.data, pin)
+    val_stream = EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world)
+    val_batches = loader(val_stream, cfg.data, pin, persistent=False)
     result = {}
     started = time.time()
     first_epoch = epoch
@@ -248,11 +191,11 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
                            eta_s=per_epoch * (cfg.schedule.epochs - epoch))
-        if primary:
+        if is_primary():
             print(metrics.progress_line(record), flush=True)
         if epoch < cfg.schedule.epochs and stop.settle(device):
             end_after_stop(engine, stop, tag, max_requeues, device, log)
     dist.barrier()
-    if primary:
+    if is_primary():
         print(report.write(run_dir), flush=True)
     return result

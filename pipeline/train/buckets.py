@@ -1,32 +1,10 @@
-"""Gradient allreduce in buckets, launched during backward (paper 4: communication pipelined with backprop).
+"""Gradient allreduce in buckets, started during backward (paper 4: communication pipelined with backprop),
+for a DeepSpeed engine at ZeRO stage 0, whose own allreduce waits for the end of backward.
 
-Why not DeepSpeed's own: at ZeRO stage 0, DeepSpeed 0.19 allreduces every gradient after backward has
-ended, in 5e8-element buckets (engine.allreduce_gradients, MEMORY_OPT_ALLREDUCE_SIZE): nothing overlaps
-the backward pass and no config key changes the size. `zero_optimization.reduce_bucket_size` and
-`overlap_comm` reach only the ZeRO 1-3 optimizers. We give those two keys their meaning at stage 0:
-
-    "zero_optimization": {"stage": 0, "overlap_comm": true, "reduce_bucket_size": 6000000}
-
-- Gradients are grouped into buckets of at least `reduce_bucket_size` elements (a larger parameter is a
-  bucket by itself), in reverse registration order: roughly the order backward produces them (a
-  parameter registered early but used late, like a ResNet block's downsample conv, holds its bucket and
-  every later one back until it is ready).
-- A post-accumulate-grad hook on each parameter counts it ready. When a bucket is complete, it and every
-  complete bucket after it in order are flattened into one buffer and allreduced asynchronously. Buckets
-  always start in the same order on every rank, which collectives need. On GPU the hooks run on
-  autograd's device thread; buffers are filled there and read back on the main thread, both on the
-  device's default stream, which orders them.
-- Before the optimizer step (an optimizer step pre-hook, where DeepSpeed's step() reaches the optimizer),
-  buckets still waiting are started, a parameter without a gradient getting zeros as DeepSpeed gives it,
-  and every bucket is waited on and copied back into the gradients.
-- Only on gradient-accumulation boundaries and outside `engine.no_sync()`; otherwise gradients accumulate
-  locally, as in DeepSpeed.
-- What a bucket sends is each gradient as backward left it. Changing gradients between backward and
-  step (clipping or masking by hand), freezing or unfreezing parameters after the engine is built, and
-  reentrant activation checkpointing (which accumulates a parameter's gradient twice in one backward)
-  would all be lost silently; each raises an error that names the parameter instead.
-- Averaging and wire type are DeepSpeed's: `communication_data_type` (bf16 halves the bytes), and
-  `prescale_gradients` / `gradient_predivide_factor` (engine.allreduce_bucket).
+`zero_optimization.overlap_comm` turns it on and `reduce_bucket_size` sizes the buckets (pipeline.dsconfig
+reads both). docs/buckets.md says what it does, what it refuses and why; in short: buckets fill in reverse
+registration order and start from post-accumulate-grad hooks, in the same order on every rank, and an
+optimizer step pre-hook starts the rest, waits, and writes the averages back into the gradients.
 """
 
 from __future__ import annotations
@@ -34,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in elements
+from pipeline.dsconfig import bucket_elements
 
 
 class _Bucket:
@@ -190,9 +168,7 @@ def attach(engine, ds_config: dict) -> BucketedAllreduce | None:
     """Our allreduce on the engine when zero_optimization.overlap_comm is true (DeepSpeed's default for
     stage 0 is false: its own allreduce after backward stays); the reducer, or None. It is also kept as
     `engine.bucketed_allreduce` (None when off)."""
-    zero = ds_config.get("zero_optimization", {})
-    reducer = None
-    if zero.get("overlap_comm", False):
-        reducer = BucketedAllreduce(engine, int(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)))
+    elements = bucket_elements(ds_config)
+    reducer = BucketedAllreduce(engine, elements) if elements else None
     engine.bucketed_allreduce = reducer
     return reducer

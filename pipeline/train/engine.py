@@ -5,25 +5,25 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from pipeline import buckets, schedule
-from pipeline.config import Config, Plan
+from pipeline.config import Config, OptimConfig, Plan
+from pipeline.train import buckets, schedule
 
 
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """Parameters split by weight decay: conv/FC weights decay; BN gamma/beta and biases only if configured."""
     decay, no_decay = [], []
     for module in model.modules():
         is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
         for name, param in module.named_parameters(recurse=False):
             if is_bn:
-                wanted = cfg.optim.weight_decay_bn
+                wanted = optim.weight_decay_bn
             elif name == "bias":
-                wanted = cfg.optim.weight_decay_bias
+                wanted = optim.weight_decay_bias
             else:
                 wanted = True
             (decay if wanted else no_decay).append(param)
     return [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, plan: Plan) -> torch.op
     form is that corrected update, so no correction is applied here. Weight decay is added to the gradient
     after DeepSpeed's allreduce, once (eq. 8), never scaled with the loss.
     """
-    return torch.optim.SGD(param_groups(model, cfg), lr=plan.peak_lr, momentum=cfg.optim.momentum,
+    return torch.optim.SGD(param_groups(model, cfg.optim), lr=plan.peak_lr, momentum=cfg.optim.momentum,
                            nesterov=cfg.optim.nesterov)
 
 
@@ -50,7 +50,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -
 
 def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict, channels_last: bool = False):
     """deepspeed.initialize with our SGD and schedule, and with our overlapped bucketed gradient allreduce
-    when the JSON asks for it (pipeline.buckets); torch.distributed must already be initialised.
+    when the JSON asks for it (pipeline.train.buckets); torch.distributed must already be initialised.
 
     channels_last (on GPU) is applied after DeepSpeed's start: its broadcast of the initial weights views
     every parameter as bytes, which a channels_last conv weight (last stride != 1) refuses. The conversion

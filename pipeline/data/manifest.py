@@ -1,0 +1,102 @@
+"""The shard manifest, DIR/<split>.json: written by the converter (pipeline.shards) and read by the loader,
+the launcher and `verify`, all through this module, the one owner of the format.
+
+    {"version": 1, "split": "train", "source": "/datasets/imagenet", "num_samples": 1281167,
+     "classes": ["n01440764", ...], "shard_samples": 1000, "order_seed": 0, "mode": "copy",
+     "shards": [{"name": "train-000000.tar", "num_samples": 1000, "sha256": "..."}, ...],
+     "skipped": [{"path": "train/n01/x.JPEG", "reason": "..."}]}
+
+`shards` is in stream order; `order_seed` is the seed of the train file order (None for val); `mode` is
+"copy" or "max_side=N" (images re-encoded no larger than N px).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What DIR/<split>.json says about a split's shards."""
+
+    path: Path
+    split: str
+    num_samples: int
+    classes: list[str]
+    shards: list[dict]  # [{"name", "num_samples", "sha256"}] in stream order
+    skipped: list[dict]  # [{"path", "reason"}]
+    source: str | None = None  # the folder tree it was converted from
+    shard_samples: int | None = None  # images per shard asked of the converter
+    order_seed: int | None = None  # seed of the train file order; None for val
+
+    def urls(self, template: str = "") -> list[str]:
+        """Where to read each shard, in manifest order: `template` with {name} replaced by the shard's file
+        name (any URL webdataset opens, e.g. "pipe:aws s3 cp s3://bucket/imagenet/{name} -"), or, when the
+        template is empty, the file next to the manifest."""
+        if not template:
+            return [str(self.path.parent / s["name"]) for s in self.shards]
+        return [template.replace("{name}", s["name"]) for s in self.shards]
+
+
+def manifest_path(shards_dir: str | os.PathLike, split: str) -> Path:
+    """DIR/<split>.json."""
+    return Path(shards_dir) / f"{split}.json"
+
+
+def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
+    """Read and sanity-check DIR/<split>.json; errors name the file and what to do."""
+    path = manifest_path(shards_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest {path}; create the shards with: python -m pipeline.shards convert --src ROOT --out {shards_dir}"
+        )
+    raw = json.loads(path.read_text())
+    counted = sum(s["num_samples"] for s in raw["shards"])
+    if counted != raw["num_samples"]:
+        raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; reconvert")
+    return Manifest(path, raw["split"], raw["num_samples"], raw["classes"], raw["shards"], raw["skipped"],
+                    raw.get("source"), raw.get("shard_samples"), raw.get("order_seed"))
+
+
+def write_manifest(shards_dir: Path, split: str, *, source: str, classes: list[str], shard_samples: int,
+                   order_seed: int | None, max_side: int | None, shards: list[dict], skipped: list[dict]) -> dict:
+    """Write DIR/<split>.json atomically; returns what was written."""
+    manifest = {
+        "version": VERSION,
+        "split": split,
+        "source": source,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "classes": classes,
+        "shard_samples": shard_samples,
+        "order_seed": order_seed,
+        "mode": "copy" if max_side is None else f"max_side={max_side}",
+        "shards": shards,
+        "skipped": skipped,
+    }
+    write_json(manifest_path(shards_dir, split), manifest)
+    return manifest
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name of its own and rename it: readers (and concurrent array tasks)
+    see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a shard, as its manifest entry records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

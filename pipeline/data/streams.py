@@ -1,0 +1,213 @@
+"""A rank's training and evaluation batches: samples read from the tars in the order pipeline.data.order
+gives, decoded by pipeline.data.decode, with the error policy of each split (docs/data.md).
+
+From webdataset we use tar reading (any URL it opens: local paths, http(s), `pipe:` commands). We step
+around three of its parts: split_by_node/split_by_worker split the shard list before any shuffle, so a
+rank would see the same shards every epoch and uneven shard counts would give ranks different step
+counts (which hangs the allreduce); its reservoir `shuffle` depends on every sample read before, so a
+resumed worker would have to re-read its whole part; and its decoders would unpickle `.pyd` members.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import multiprocessing.sharedctypes
+import sys
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline.config import DataConfig
+from pipeline.data.decode import DECODE_ERRORS, decode_eval, decode_train
+from pipeline.data.manifest import Manifest
+from pipeline.data.order import Segment, batches_before, block_shuffle, epoch_order, stream_segments, worker_batches
+
+# Only these members of a shard are ever read: a shard carrying a pickle never reaches pickle.loads.
+SAMPLE_EXTENSIONS = (".jpg", ".cls")
+
+
+class Batch(NamedTuple):
+    """What the loader yields: uint8 images [n, 3, S, S] (channels_last), int64 labels [n], the shard keys
+    of the samples, and how many corrupt samples were replaced by another sample of the batch."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    corrupt: int
+
+
+def read_segments(segments: list[Segment]) -> Iterator[dict]:
+    """Samples {"__key__", "__url__", "jpg", "cls"} of each segment in turn (a skip reads through the tar)."""
+    for seg in segments:
+        streams = wds.tariterators.url_opener([{"url": seg.url}])
+        files = wds.tariterators.tar_file_expander(streams, select_files=lambda name: name.endswith(SAMPLE_EXTENSIONS))
+        samples = wds.tariterators.group_by_keys(files)
+        taken = 0
+        for i, sample in enumerate(samples):
+            if i < seg.skip:
+                continue
+            if "jpg" not in sample or "cls" not in sample:
+                raise ValueError(f"{seg.url}: sample {sample['__key__']!r} lacks .jpg or .cls")
+            yield sample
+            taken += 1
+            if taken == seg.take:
+                break
+        if taken != seg.take:
+            raise ValueError(f"{seg.url}: expected {seg.skip + seg.take} samples, found {seg.skip + taken}; "
+                             "the shard does not match its manifest, reconvert it")
+
+
+def _describe(sample: dict, err: Exception) -> str:
+    return f"{sample['__url__']}: sample {sample['__key__']!r} is not a decodable image ({err})"
+
+
+def raise_corrupt(sample: dict, err: Exception) -> None:
+    """Error policy of evaluation: a corrupt sample is an error."""
+    raise ValueError(_describe(sample, err) + "; check the shards with python -m pipeline.shards verify") from err
+
+
+def warn_corrupt(sample: dict, err: Exception) -> None:
+    """Error policy of training: name the sample on stderr; the batch replaces it and counts it."""
+    print(f"warning: {_describe(sample, err)}; replaced by another sample of its batch", file=sys.stderr, flush=True)
+
+
+def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
+               on_corrupt: Callable[[dict, Exception], None]) -> Batch:
+    """Decode a batch; a corrupt sample (reported through on_corrupt) is replaced by a fresh decode of
+    another sample of the same batch, so every batch keeps exactly n images."""
+    decoded: list[tuple[torch.Tensor, dict]] = []
+    corrupt = 0
+    for sample in samples:
+        try:
+            decoded.append((decode(sample["jpg"]), sample))
+        except DECODE_ERRORS as err:
+            on_corrupt(sample, err)
+            corrupt += 1
+    for attempt in range(len(samples)):  # a replacement draws a new crop, which could fail to decode too
+        if not decoded or len(decoded) == len(samples):
+            break
+        sample = decoded[attempt % len(decoded)][1]
+        try:
+            decoded.append((decode(sample["jpg"]), sample))
+        except DECODE_ERRORS as err:
+            on_corrupt(sample, err)
+    if len(decoded) < len(samples):
+        raise ValueError(f"{corrupt} of the {len(samples)} samples of a batch do not decode and too few others do "
+                         f"to replace them (the batch starts at {samples[0]['__url__']}: {samples[0]['__key__']!r}); "
+                         "the shard is damaged: check it with python -m pipeline.shards verify")
+    return Batch(torch.stack([image for image, _ in decoded]), torch.tensor([int(s["cls"]) for _, s in decoded]),
+                 [s["__key__"] for _, s in decoded], corrupt)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _shared_position():
+    """[epoch, start_step] in shared memory: persistent workers read what the rank set for this pass.
+    A raw array (no lock) needs no multiprocessing context, so making a stream starts no process."""
+    return multiprocessing.sharedctypes.RawArray("q", 2)
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's training batches, one epoch per pass; set_epoch() picks the epoch and the first step."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int,
+                 rank: int, world_size: int, seed: int):
+        super().__init__()
+        self.per_rank = manifest.num_samples // world_size
+        if num_batches * batch_size > self.per_rank:
+            raise ValueError(f"{num_batches} batches of {batch_size} exceed the {self.per_rank} samples of a rank")
+        self.manifest, self.cfg = manifest, cfg
+        self.urls = manifest.urls(cfg.shard_url)
+        self.batch_size, self.num_batches = batch_size, num_batches
+        self.rank, self.seed = rank, seed
+        self.position = _shared_position()
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass yields steps [start_step, num_batches) of `epoch`."""
+        if not 0 <= start_step <= self.num_batches:
+            raise ValueError(f"start_step={start_step} outside the epoch's {self.num_batches} steps")
+        self.position[0], self.position[1] = epoch, start_step
+
+    def sample_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """(rank step, undecoded samples) of one worker's batches, from the set start step on.
+
+        The one implementation behind both training and `inspect`.
+        """
+        epoch, start_step = self.position[0], self.position[1]
+        n = self.batch_size
+        first, count = worker_batches(self.num_batches, num_workers, worker)
+        done = batches_before(start_step, num_workers, worker)
+        if done == count:
+            return
+        buffer = self.cfg.shuffle_buffer
+        first_block = done * n // buffer
+        begin = self.per_rank * self.rank + first * n  # the worker's first sample in the epoch's stream
+        counts = [s["num_samples"] for s in self.manifest.shards]
+        segments = stream_segments(counts, self.urls, epoch_order(len(counts), self.seed, epoch),
+                                   begin + first_block * buffer, begin + count * n)
+        samples = block_shuffle(read_segments(segments), buffer, first_block,
+                                [self.seed, epoch, self.rank, worker])
+        for _ in range(done * n - first_block * buffer):
+            next(samples)
+        for j in range(done, count):
+            yield j * num_workers + worker, [next(samples) for _ in range(n)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start_step = self.position[0], self.position[1]
+        worker, num_workers = _worker()
+        # The DataLoader asks worker 0 first on every pass; step start_step belongs to worker
+        # start_step % W, so a resumed pass rotates which part each worker process makes.
+        part = (worker + start_step) % num_workers
+        decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
+        for step, samples in self.sample_batches(part, num_workers):
+            # The crops and flips of a step draw from a seed of their own; the caller's generator is left as
+            # it was (with workers=0 the loader runs inside the training process).
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(
+                    int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
+                batch = make_batch(samples, decode, warn_corrupt)
+            yield batch
+
+
+class EvalStream(torch.utils.data.IterableDataset):
+    """One rank's share of the validation split: every sample once across all ranks, no padding."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int, world_size: int):
+        super().__init__()
+        self.manifest, self.cfg, self.batch_size = manifest, cfg, batch_size
+        self.urls = manifest.urls(cfg.shard_url)
+        n = manifest.num_samples
+        self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
+        self.num_batches = math.ceil((self.stop - self.start) / batch_size)
+
+    def sample_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """(rank step, undecoded samples) of one worker's batches, in manifest order; the rank's last
+        batch may be short."""
+        first, count = worker_batches(self.num_batches, num_workers, worker)
+        lo = self.start + first * self.batch_size
+        hi = min(self.stop, lo + count * self.batch_size)
+        counts = [s["num_samples"] for s in self.manifest.shards]
+        samples = read_segments(stream_segments(counts, self.urls, list(range(len(counts))), lo, hi))
+        for j in range(count):
+            size = min(self.batch_size, hi - lo - j * self.batch_size)
+            yield j * num_workers + worker, [next(samples) for _ in range(size)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        decode = lambda jpeg: decode_eval(jpeg, self.cfg)  # noqa: E731
+        for _, samples in self.sample_batches(*_worker()):
+            yield make_batch(samples, decode, raise_corrupt)
+
+
+def rank_plan(stream: TrainStream | EvalStream, workers: int) -> Iterator[dict]:
+    """{"worker", "step", "keys"} of every batch of a rank, in the order the rank trains on them."""
+    def part(worker: int) -> Iterator[tuple[int, int, list[str]]]:
+        for step, samples in stream.sample_batches(worker, workers):
+            yield step, worker, [s["__key__"] for s in samples]
+    for step, worker, keys in heapq.merge(*map(part, range(workers))):
+        yield {"worker": worker, "step": step, "keys": keys}

@@ -1,0 +1,141 @@
+"""Preparing a job: the run (config, plan, DeepSpeed JSON) resolved from the flags, the checks of its
+shards and paths, its run folder, and the submitit executor that will run it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import submitit
+
+from pipeline import config
+from pipeline.data.manifest import load_manifest
+from pipeline.dsconfig import load_ds_config
+from pipeline.shards import demo
+from pipeline.shards.convert import convert
+from pipeline.train import model
+
+DEMO_IMAGES = Path("data/fashion-mnist")
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
+                       "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "wekafs", "panfs", "pvfs2", "orangefs",
+                       "9p", "virtiofs", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "afs", "quobyte"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run as the launcher prepares it: its folder and what goes into it."""
+
+    run_dir: Path
+    cfg: config.Config
+    plan: config.Plan
+    ds_config: dict  # the DeepSpeed JSON, reconciled with cfg (pipeline.dsconfig)
+
+
+def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> Run:
+    """The run of the config (preset, then the cluster flags, then key=value overrides) in run_dir, with its
+    plan and reconciled DeepSpeed JSON; raises on anything that cannot run."""
+    cfg = config.preset(args.preset)
+    cluster = {k: v for k, v in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node),
+                                 ("cpus_per_task", args.cpus_per_task)) if v is not None}
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **cluster))
+    cfg = config.apply_overrides(cfg, overrides)
+    # The ranks may start elsewhere: make the shard folder absolute once, here.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+    plan = config.resolve(cfg)
+    model.check_arch(cfg.model.arch)
+    return Run(run_dir, cfg, plan, load_ds_config(cfg, plan))
+
+
+def make_demo_data(cfg: config.Config, preset: str) -> None:
+    """The demo makes its own data (Fashion-MNIST as JPEGs, then shards) when it reads the demo's shard
+    folder; any other shards must exist already. A rerun reuses what is there."""
+    if preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve()):
+        demo.write_image_tree(DEMO_IMAGES)
+        convert(DEMO_IMAGES, Path(cfg.data.shards))
+
+
+def check_shards(cfg: config.Config) -> None:
+    """The manifests exist and agree with the config; errors name the file, both values and the fix."""
+    for split, expected in (("train", cfg.data.train_samples), ("val", cfg.data.val_samples)):
+        manifest = load_manifest(cfg.data.shards, split)
+        if manifest.num_samples != expected:
+            raise ValueError(f"{manifest.path}: num_samples={manifest.num_samples} but data.{split}_samples={expected}; "
+                             f"pass data.{split}_samples={manifest.num_samples} or point data.shards at the right folder")
+        if len(manifest.classes) != cfg.model.num_classes:
+            raise ValueError(f"{manifest.path}: {len(manifest.classes)} classes but model.num_classes="
+                             f"{cfg.model.num_classes}; pass model.num_classes={len(manifest.classes)}")
+        if cfg.data.shard_url:  # read from elsewhere (object store, pipe:); the first read tells
+            continue
+        missing = [url for url in manifest.urls() if not Path(url).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{manifest.path} lists {len(missing)} shards that are not on disk, e.g. {missing[0]}; "
+                                    "rerun python -m pipeline.shards convert")
+
+
+def filesystem(path: Path) -> tuple[str, str]:
+    """(mount point, filesystem type) holding path, from /proc/mounts: the longest mount prefix."""
+    path = path.resolve()
+    best = ("/", "unknown")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind, *_ = line.split()
+        mount = mount.replace("\\040", " ")
+        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) >= len(best[0]):
+            best = (mount, kind)
+    return best
+
+
+def check_paths(cfg: config.Config, run_dir: Path, assume_shared: bool) -> None:
+    """The run folder can be written; for multi-node jobs it and the shards are on a network filesystem."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"run folder {run_dir}: {existing} is not writable; pass a --run-dir you can write")
+    if cfg.cluster.nodes == 1 or assume_shared:
+        return
+    for what, path in (("run folder", run_dir), ("shard folder (data.shards)", Path(cfg.data.shards))):
+        if what.startswith("shard") and cfg.data.shard_url:
+            continue
+        mount, kind = filesystem(path if path.exists() else existing)
+        if kind not in NETWORK_FILESYSTEMS:
+            raise ValueError(f"{what} {path} is on a {kind} filesystem (mounted at {mount}), which the other "
+                             f"{cfg.cluster.nodes - 1} nodes cannot read; put it on the shared filesystem, or "
+                             "pass --assume-shared if every node mounts it")
+
+
+def prepare_run_dir(run: Run) -> None:
+    """Create the run folder with config.json and ds_config.json, or check an existing one matches."""
+    run_dir, cfg = run.run_dir, run.cfg
+    if (run_dir / "config.json").is_file():
+        saved, _ = config.load_run_config(run_dir)
+        changed = config.differences(config.to_dict(saved), config.to_dict(cfg))
+        if changed:
+            raise ValueError(f"{run_dir / 'config.json'} holds another config ({'; '.join(changed)}); pass a new "
+                             "--run-dir to start a new run, or the same settings to resume this one")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save_run_config(run_dir, cfg, run.plan)
+    (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+
+
+def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, name: str,
+                  options: dict) -> submitit.Executor:
+    """submitit executor with one task per GPU (per process on CPU)."""
+    cluster = None if args.cluster == "auto" else args.cluster
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
+    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    if executor.cluster == "debug" and world != 1:
+        raise ValueError(f"--cluster debug runs one rank in this process, but the plan has world_size={world}; "
+                         "use --cluster local, or --nodes 1 --gpus-per-node 1")
+    if executor.cluster != "slurm" and cfg.cluster.nodes != 1:
+        raise ValueError(f"--nodes {cfg.cluster.nodes} needs Slurm; this machine runs one node (--cluster {executor.cluster})")
+    # Without GPUs asked for, submitit's local executor hides every GPU (CUDA_VISIBLE_DEVICES="").
+    gpus = cfg.cluster.gpus_per_node if config.wants_gpus(cfg.cluster) and executor.cluster != "debug" else 0
+    executor.update_parameters(nodes=cfg.cluster.nodes, tasks_per_node=cfg.cluster.gpus_per_node, gpus_per_node=gpus,
+                               cpus_per_task=cfg.cluster.cpus_per_task, timeout_min=args.time, name=name)
+    if executor.cluster == "slurm":
+        # One failed rank ends the whole step at once instead of leaving the others blocked in a collective.
+        executor.update_parameters(slurm_signal_delay_s=args.signal_delay, slurm_srun_args=["--kill-on-bad-exit=1"],
+                                   slurm_additional_parameters=options, slurm_array_parallelism=args.array_parallelism)
+    return executor

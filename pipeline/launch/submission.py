@@ -1,0 +1,176 @@
+"""Submitting training runs: the dry run, an sbatch script instead of a submission, one run, or a sweep
+as one job array; then following the job to its end."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from pipeline import config
+from pipeline.dsconfig import bucket_elements
+from pipeline.launch import sbatch, status
+from pipeline.launch.jobs import TrainJob
+from pipeline.launch.options import sweep_overrides
+from pipeline.launch.prepare import (
+    Run,
+    check_paths,
+    check_shards,
+    make_demo_data,
+    make_executor,
+    prepare_run_dir,
+    resolve_run,
+)
+from pipeline.scaling import model as scaling
+from pipeline.train import metrics, model, report
+
+
+def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
+    """(the run folder, its runs, whether it is a sweep): one run, or one per combination of --sweep values
+    in folders inside the run folder."""
+    run_dir = (args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    sweep = sweep_overrides(args.sweep, args.overrides)
+    if sweep and args.emit_sbatch:
+        raise ValueError("--sweep submits a job array through submitit; --emit-sbatch renders one run")
+    runs = [resolve_run(args, overrides, run_dir / folder if folder else run_dir)
+            for folder, overrides in sweep or [(None, args.overrides)]]
+    return run_dir, runs, bool(sweep)
+
+
+def dry_run(args: argparse.Namespace, run_dir: Path, runs: list[Run], sweep: bool) -> int:
+    """Print the plan of every run (as JSON with --json) and its predicted speed; write nothing."""
+    hardware = scaling.load_hardware(args.hardware)
+    if args.json:
+        plans = [{"run_dir": str(r.run_dir), "config": config.to_dict(r.cfg), "plan": dataclasses.asdict(r.plan),
+                  "ds_config": r.ds_config} for r in runs]
+        print(json.dumps(plans if sweep else plans[0], indent=2))
+        return 0
+    print_plans(runs, sweep)
+    for run in runs:
+        print(prediction(hardware, run))
+    print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
+    return 0
+
+
+def print_plans(runs: list[Run], sweep: bool) -> None:
+    """The plan of every run in one line each."""
+    for r in runs:
+        print(f"{r.run_dir.name}: {r.plan.summary(r.cfg)}" if sweep else r.plan.summary(r.cfg), flush=True)
+
+
+def check_data(args: argparse.Namespace, run_dir: Path, runs: list[Run]) -> None:
+    """The demo's data made if needed; every run's shards and the run folder checked."""
+    for run in runs:
+        make_demo_data(run.cfg, args.preset)
+        check_shards(run.cfg)
+        check_paths(run.cfg, run_dir, args.assume_shared)
+
+
+def emit_sbatch(args: argparse.Namespace, run: Run, options: dict) -> int:
+    """Prepare the run folder and write slurm/train.sbatch for it to args.emit_sbatch, instead of submitting."""
+    script = sbatch.render(run.cfg, run.run_dir, args.time, options, Path.cwd(), signal_delay=args.signal_delay,
+                           max_requeues=args.max_requeues)
+    prepare_run_dir(run)
+    (run.run_dir / "slurm").mkdir(exist_ok=True)
+    args.emit_sbatch.write_text(script)
+    print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
+    return 0
+
+
+def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
+    """Submit one run; on this machine (or with --wait) follow it and print its report."""
+    run_dir = run.run_dir
+    executor = make_executor(args, run.cfg, run_dir / "submitit", run_dir.name, options)
+    prepare_run_dir(run)
+    earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
+    job = executor.submit(TrainJob(run_dir))
+    status.record_submission(run_dir, job.job_id, executor.cluster)
+    print(f"submitted job {job.job_id} ({executor.cluster}); run folder {run_dir}; rank logs in {run_dir / 'submitit'}",
+          flush=True)
+    if executor.cluster == "slurm" and not args.wait:
+        print(f"follow it with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
+        return 0
+    follow(job, run_dir, earlier)
+    try:
+        job.results()
+    except submitit.core.utils.FailedJobError as err:
+        print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
+        return 1
+    print(report.read(run_dir))
+    return 0
+
+
+def submit_sweep(args: argparse.Namespace, runs: list[Run], run_dir: Path, options: dict) -> int:
+    """Every run of a sweep as one job array (all runs share the cluster settings); sweep.json lists them."""
+    executor = make_executor(args, runs[0].cfg, run_dir / "submitit", run_dir.name, options)
+    for run in runs:
+        prepare_run_dir(run)
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(run.run_dir)) for run in runs]
+    listing = [{"folder": run.run_dir.name, "job_id": job.job_id} for run, job in zip(runs, jobs)]
+    (run_dir / status.SWEEP).write_text(json.dumps({"runs": listing}, indent=2) + "\n")
+    for run, job in zip(runs, jobs):
+        status.record_submission(run.run_dir, job.job_id, executor.cluster)
+        print(f"submitted job {job.job_id} ({executor.cluster}): {run.run_dir}", flush=True)
+    if executor.cluster == "slurm" and not args.wait:
+        print(f"follow them with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
+        return 0
+    failed = 0
+    for run, job in zip(runs, jobs):
+        try:
+            job.results()
+            print(f"{run.run_dir.name}: {report.read(run.run_dir)}")
+        except submitit.core.utils.FailedJobError as err:
+            print(f"error: {run.run_dir.name} failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def prediction(hw: scaling.Hardware, run: Run) -> str:
+    """The scaling model's step time, images/s, time to train and efficiency of the job, in one line."""
+    cfg, plan = run.cfg, run.plan
+    if hw.arch != cfg.model.arch:
+        return (f"no prediction: hardware {hw.name} has compute times for {hw.arch}, not {cfg.model.arch}; measure "
+                "yours with python -m pipeline.tune_buckets and pass --hardware RUN_DIR/hardware.json")
+    bucket = bucket_elements(run.ds_config)
+    wire = 2 if str(run.ds_config.get("communication_data_type", "fp32")) in ("bf16", "fp16") else 4
+    c = cfg.cluster
+    try:
+        job, one_node = (scaling.predict(hw, model.parameter_count(cfg.model), nodes, c.gpus_per_node,
+                                         cfg.train.micro_batch, bucket, wire, grad_accum=cfg.train.grad_accum)
+                         for nodes in (c.nodes, 1))
+    except ValueError as err:
+        return f"no prediction: {err}"
+    hours = plan.total_steps * job.step_s / 3600
+    return (f"predicted on {hw.name} ({hw.source}): step {job.step_s * 1e3:.1f} ms (allreduce "
+            f"{job.communication_s * 1e3:.1f} ms, {job.exposed_s * 1e3:.1f} ms of it not hidden by backward), "
+            f"{job.images_s:,.0f} images/s, {cfg.schedule.epochs} epochs in {hours:.2f} h of training steps, scaling "
+            f"efficiency {scaling.efficiency(job, one_node):.1%} of one node; a lower bound: no stragglers, loader "
+            "or evaluation (python -m pipeline.scaling)")
+
+
+def follow(job: submitit.Job, run_dir: Path, shown: int) -> None:
+    """Print progress lines of the records after the first `shown` of metrics.jsonl until the job ends;
+    Ctrl-C cancels the job."""
+    try:
+        while True:
+            done = job.done()
+            records = metrics.read(run_dir / "metrics.jsonl")
+            for record in records[shown:]:
+                line = metrics.progress_line(record)
+                if line:
+                    print(line, flush=True)
+            shown = len(records)
+            if done:
+                return
+            time.sleep(2)
+    except KeyboardInterrupt:
+        job.cancel()
+        print(f"\ncancelled job {job.job_id}; rerun the same command with --run-dir {run_dir} to resume", file=sys.stderr)
+        raise SystemExit(130)

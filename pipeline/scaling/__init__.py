@@ -1,0 +1,1 @@
+"""The scaling model (model) and its command line: python -m pipeline.scaling (docs/buckets.md)."""

@@ -1,0 +1,77 @@
+"""The rank's process: torch.distributed and its device, threads and memory, the one rank-0 gate, and
+the collective that makes BatchNorm statistics the same on every rank."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import deepspeed
+import submitit
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """torch.distributed from the environment (submitit's, when RANK is not already set); the rank's device."""
+    if "RANK" not in os.environ:  # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from Slurm's variables,
+        # replacing any MASTER_ADDR/PORT a login shell may have exported for something else
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.cluster.cpus_per_task)  # for every process the rank starts
+    torch.set_num_threads(cfg.cluster.cpus_per_task)
+    backend = cfg.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        keep_freed_memory()
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return device
+
+
+def keep_freed_memory() -> None:
+    """On CPU: let glibc keep freed blocks of up to 32 MiB for the next step instead of giving them back
+    to the kernel, which must then zero fresh pages for them again.
+
+    glibc raises its mmap and trim thresholds to the largest block freed so far. DeepSpeed's own
+    allreduce frees a flat copy of all gradients every step, which raises them far enough; our buckets
+    (pipeline.train.buckets) keep their buffers, and then activations were unmapped and faulted back in every
+    step: 4,600 page faults per step and a ~10% slower step on the demo model. Fixed thresholds (32 MiB
+    is the most glibc allows for mmap) end that in both modes. Where the C library has no mallopt (not
+    glibc), nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def average_bn_statistics(net: torch.nn.Module) -> None:
+    """Make BN running statistics the mean over ranks, so every rank evaluates the same model.
+
+    BN trains on per-rank statistics (paper 2.3) and so each rank's running averages (or precise-BN
+    averages) differ; they are only used by evaluation, which then sees k times more images behind each
+    estimate. One allreduce of all of them, flattened.
+    """
+    buffers = [buffer for module in net.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var)]
+    flat = torch.cat([buffer.flatten() for buffer in buffers])
+    dist.all_reduce(flat)  # all_reduce: per-rank BN statistics -> sum, then mean
+    flat.div_(dist.get_world_size())
+    for buffer, mean in zip(buffers, flat.split([buffer.numel() for buffer in buffers])):
+        buffer.copy_(mean.view_as(buffer))
+
+
+def is_primary() -> bool:
+    """The gate of every rank-0 side effect (metrics, report, requeue, `latest`): True on rank 0, and in a
+    process without torch.distributed."""
+    return not dist.is_initialized() or dist.get_rank() == 0
