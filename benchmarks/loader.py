@@ -9,8 +9,12 @@ rounds, interleaved; the median round counts:
   I/O, no transform: the floor any JPEG pipeline pays without reduced-size decoding.
 - ImageFolder: torchvision's ImageFolder + PIL with RandomResizedCrop(224), RandomHorizontalFlip,
   ToTensor, Normalize: what most ImageNet training scripts run.
-- ours: pipeline.data.streams.TrainStream over shards of the same images (tar reading, shuffle block,
-  reduced-size decode, the same crop and flip, uint8 batches of 32; normalisation happens on the GPU).
+- ours: pipeline.data.streams.TrainStream over shards of the same images (streaming access: tar reading,
+  shuffle block, reduced-size decode, the same crop and flip, uint8 batches of 32; normalisation happens
+  on the GPU).
+- ours indexed: IndexedTrainStream over the same shards (indexed access: one positioned read per sample
+  in the order of the epoch's permutation of every sample); also, for both, the mean number of distinct
+  shards a batch draws from (--shard-samples per shard, 100 by default: many shards, as on ImageNet).
 - ours without draft: the same with PIL's reduced-size decoding switched off, to show what it buys.
 - ours through the DataLoader with one worker per core: total images/s of this machine.
 
@@ -38,7 +42,9 @@ from torchvision import transforms as T
 from pipeline.config import DataConfig
 from pipeline.data.decode import decode_full
 from pipeline.data.manifest import load_manifest
-from pipeline.data.streams import TrainStream
+from pipeline.data.order import Segment
+from pipeline.data.samples import read_segments
+from pipeline.data.streams import IndexedTrainStream, TrainStream, rank_plan
 from pipeline.data.workers import loader as make_loader
 from pipeline.shards.convert import convert
 import photos  # benchmarks/photos.py and timing.py, next to this script
@@ -69,6 +75,16 @@ def ours_no_draft(stream: TrainStream) -> None:
         ours(stream)
 
 
+def distinct_shards(stream, manifest) -> float:
+    """Mean number of distinct shards the batches of a stream's epoch draw from."""
+    shard_of = {}
+    for shard, url in enumerate(manifest.urls()):
+        for sample in read_segments([Segment(url, 0, manifest.shards[shard]["num_samples"])]):
+            shard_of[sample["__key__"]] = shard
+    counts = [len({shard_of[key] for key in row["keys"]}) for row in rank_plan(stream, 1)]
+    return sum(counts) / len(counts)
+
+
 def ours_loader(loader) -> None:
     for _ in loader:
         pass
@@ -79,26 +95,33 @@ def main() -> None:
     photos.add_arguments(parser, images=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the last row")
+    parser.add_argument("--shard-samples", type=int, default=100, help="images per shard (default 100)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         work = Path(tmp)
         src = photos.source_tree(args, work)
-        convert(src, work / "shards")
+        convert(src, work / "shards", shard_samples=args.shard_samples)
         manifest = load_manifest(work / "shards", "train")
         files = sorted((src / "train").rglob("*.JPEG"))
         blobs = [f.read_bytes() for f in files]
         sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
         n = manifest.num_samples
 
-        cfg = DataConfig(shards=str(work / "shards"), workers=0)
+        # The streaming shuffle holds two shards, as data.shuffle_buffer's 2,000 over ImageNet's 1,000-image shards.
+        cfg = DataConfig(shards=str(work / "shards"), workers=0, shuffle_buffer=2 * args.shard_samples)
         stream = TrainStream(manifest, cfg, 32, n // 32, 0, 1, seed=0)
         stream.set_epoch(0)
+        indexed = IndexedTrainStream(manifest, cfg, 32, n // 32, 0, 1, 1, seed=0)
+        indexed.set_epoch(0)
         loader_cfg = dataclasses.replace(cfg, workers=args.workers)
         loader_stream = TrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, seed=0)
         loader_stream.set_epoch(0)
         loader = make_loader(loader_stream, loader_cfg, pin_memory=False)
+        indexed_loader_stream = IndexedTrainStream(manifest, loader_cfg, 32, n // 32, 0, 1, 1, seed=0)
+        indexed_loader_stream.set_epoch(0)
+        indexed_loader = make_loader(indexed_loader_stream, loader_cfg, pin_memory=False)
         folder = torchvision.datasets.ImageFolder(str(src / "train"), transform=T.Compose([
             T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
             T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]))
@@ -109,8 +132,11 @@ def main() -> None:
             "ours": (lambda: ours(stream), n // 32 * 32),
             "ours_no_draft": (lambda: ours_no_draft(stream), n // 32 * 32),
             f"ours_dataloader_{args.workers}_workers": (lambda: ours_loader(loader), n // 32 * 32),
+            "ours_indexed": (lambda: ours(indexed), n // 32 * 32),
+            f"ours_indexed_dataloader_{args.workers}_workers": (lambda: ours_loader(indexed_loader), n // 32 * 32),
         }
         ours_loader(loader)  # start the workers and warm the page cache before timing
+        ours_loader(indexed_loader)
         seconds = interleaved_rounds({name: run for name, (run, _) in pipelines.items()}, args.rounds)
         runs = {name: [count / s for s in seconds[name]] for name, (_, count) in pipelines.items()}
         median = {name: statistics.median(v) for name, v in runs.items()}
@@ -127,6 +153,10 @@ def main() -> None:
             "ours_vs_bare_decode": median["ours"] / bare,  # against the faster decoder
             "ours_vs_bare_decode_pil": median["ours"] / median["bare_decode_pil"],
             "draft_speedup": median["ours"] / median["ours_no_draft"],
+            "indexed_vs_stream": statistics.median(i / s for i, s in zip(runs["ours_indexed"], runs["ours"])),
+            "shards": len(manifest.shards),
+            "distinct_shards_per_batch": {"stream": distinct_shards(stream, manifest),
+                                          "indexed": distinct_shards(indexed, manifest)},
         }
         print(f"\n{n} images, mean {result['mean_pixels'] / 1e3:.0f} kpixel, {result['mean_kb']:.0f} KB; "
               "images/s on one core (median of rounds):")
@@ -135,6 +165,9 @@ def main() -> None:
         print(f"ours / ImageFolder = {result['ours_vs_imagefolder']:.2f}x (goal >= 2); ours / bare decode = "
               f"{result['ours_vs_bare_decode']:.2f} of the faster decoder, {result['ours_vs_bare_decode_pil']:.2f} "
               f"of PIL's (goal >= 0.8); reduced-size decoding speed-up = {result['draft_speedup']:.2f}x")
+        print(f"indexed / streaming = {result['indexed_vs_stream']:.3f} (per-round median); distinct shards per "
+              f"batch of 32 out of {result['shards']}: streaming {result['distinct_shards_per_batch']['stream']:.1f}, "
+              f"indexed {result['distinct_shards_per_batch']['indexed']:.1f}")
     write_result(args.out, result)
 
 

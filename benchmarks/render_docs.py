@@ -46,12 +46,16 @@ def loader(result: dict) -> list[str]:
     names = {"bare_decode_torchvision": "bare full-size decode from memory, torchvision (our decode_full)",
              "bare_decode_pil": "bare full-size decode from memory, PIL",
              "imagefolder_pil": "torchvision ImageFolder + PIL, RandomResizedCrop + flip + ToTensor + Normalize",
-             "ours": "ours: shards, shuffle, crop + flip, uint8 batches of 32",
-             "ours_no_draft": "ours without reduced-size decoding"}
+             "ours": "ours, streaming: shards, shuffle, crop + flip, uint8 batches of 32",
+             "ours_no_draft": "ours, streaming, without reduced-size decoding",
+             "ours_indexed": "ours, indexed: one positioned read per sample, crop + flip, uint8 batches of 32"}
     for key in median:
-        if key.startswith("ours_dataloader_"):  # ours_dataloader_<W>_workers
-            names[key] = f"ours through the DataLoader, {key.split('_')[2]} workers on the {result['cpu_count']} cores"
+        if "dataloader" in key:  # ours[_indexed]_dataloader_<W>_workers
+            workers = key.split("_")[-2]
+            names[key] = (f"ours, {'indexed' if 'indexed' in key else 'streaming'}, through the DataLoader, {workers} "
+                          f"workers on the {result['cpu_count']} cores")
     rows = [[names[key], f"{value:,.0f}"] for key, value in median.items()]
+    shards = result["distinct_shards_per_batch"]
     return ["## Loader (`benchmarks/loader.py`)", "",
             f"{result['images']:,} ImageNet-sized JPEGs ({result['mean_pixels'] / 1e3:.0f} kpixel and "
             f"{result['mean_kb']:.0f} KB on average; ImageNet's average ~110 KB), one core each, median of "
@@ -59,7 +63,9 @@ def loader(result: dict) -> list[str]:
             *table(["pipeline", "images/s per core"], rows), "",
             f"Ours is {result['ours_vs_imagefolder']:.2f}x ImageFolder, {result['ours_vs_bare_decode']:.2f} of the "
             f"faster bare decoder ({result['ours_vs_bare_decode_pil']:.2f} of PIL's); reduced-size decoding gives "
-            f"{result['draft_speedup']:.2f}x.", ""]
+            f"{result['draft_speedup']:.2f}x. Indexed access runs at {result['indexed_vs_stream']:.3f} of streaming "
+            f"(per-round median). A batch of 32 draws from {shards['indexed']:.1f} distinct shards of the "
+            f"{result['shards']} with indexed access, from {shards['stream']:.1f} when streaming.", ""]
 
 
 def shards(result: dict) -> list[str]:

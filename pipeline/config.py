@@ -29,8 +29,12 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     workers: int = 8  # DataLoader worker processes per rank (0: decode in the rank itself)
     prefetch: int = 4  # batches each worker keeps ready
-    shuffle_buffer: int = 2000  # samples each worker permutes at a time (its in-memory shuffle block)
+    shuffle_buffer: int = 2000  # data.access=stream only: samples each worker permutes at a time
     shard_url: str = ""  # where the tars are read from, "{name}" = a shard's file name; "" = next to the manifest
+    # How training reads the shards (docs/data.md). "indexed": one permutation of every sample per epoch,
+    # each sample one positioned read (the shards are files: shard_url empty); "stream": the shards in a
+    # permuted order, read through, shuffled in blocks (any URL); "auto": indexed unless shard_url is set.
+    access: str = "auto"
     timeout_s: int = 600  # a DataLoader worker silent this long fails the rank instead of hanging every rank
 
 
@@ -90,6 +94,13 @@ class ClusterConfig:
     gpus_per_node: int = 1  # = tasks per node; on CPU, processes per node
     backend: str = "auto"  # torch.distributed backend: auto = nccl with CUDA, gloo without
     cpus_per_task: int = 1  # also OMP_NUM_THREADS of every rank
+
+
+def loader_mode(data: DataConfig) -> str:
+    """"indexed" or "stream": how training reads the shards under data.access (docs/data.md)."""
+    if data.access == "auto":
+        return "stream" if data.shard_url else "indexed"
+    return data.access
 
 
 def wants_gpus(cluster: ClusterConfig) -> bool:
@@ -234,7 +245,7 @@ class Plan:
             f"global_batch={self.global_batch} ({t.micro_batch}/gpu x {self.world_size} x accum {t.grad_accum}) "
             f"peak_lr={self.peak_lr:g} ({cfg.optim.base_lr:g} x {self.global_batch}/{cfg.optim.reference_batch}) "
             f"steps/epoch={self.steps_per_epoch} ({cfg.data.train_samples} // {self.global_batch}) "
-            f"warmup_steps={self.warmup_steps} total_steps={self.total_steps}"
+            f"warmup_steps={self.warmup_steps} total_steps={self.total_steps} data={loader_mode(cfg.data)}"
         )
 
 
@@ -281,6 +292,11 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
+    if cfg.data.access not in ("auto", "indexed", "stream"):
+        errors.append(f"data.access={cfg.data.access!r}; valid: auto, indexed, stream")
+    elif cfg.data.access == "indexed" and cfg.data.shard_url:
+        errors.append(f"data.access=indexed reads the tar files next to the manifest, but data.shard_url="
+                      f"{cfg.data.shard_url!r} reads them elsewhere; use data.access=stream, or drop data.shard_url")
     if cfg.schedule.kind not in ("step", "cosine"):
         errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
     if cfg.schedule.warmup_epochs < 0:
@@ -321,12 +337,35 @@ def to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """'section.key: old -> new' for every key whose value differs between two to_dict() configs."""
+# What may change when a run resumes on another cluster shape with the same global batch: with indexed
+# access the micro-batches, their order and their crops do not depend on these (pipeline.data.order).
+RESHAPE_KEYS = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpus_per_task", "train.grad_accum",
+                          "data.workers"})
+
+
+def differences(old: dict, new: dict, ignore: typing.Collection[str] = ()) -> list[str]:
+    """'section.key: old -> new' for every key whose value differs between two to_dict() configs, but the
+    dotted keys in `ignore`."""
     return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new.get(section, {}).get(key)!r}"
             for section in sorted(set(old) | set(new))
             for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
-            if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
+            if old.get(section, {}).get(key) != new.get(section, {}).get(key) and f"{section}.{key}" not in ignore]
+
+
+def keep_global_batch(saved: Config, cfg: Config, grad_accum_given: bool) -> Config:
+    """cfg for resuming a run saved as `saved` on cfg's cluster shape: train.grad_accum derived so that the
+    global batch kn stays (unless the overrides set it); raises naming the rank counts that keep kn."""
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    if grad_accum_given or ranks == saved.cluster.nodes * saved.cluster.gpus_per_node:
+        return cfg
+    kn = saved.cluster.nodes * saved.cluster.gpus_per_node * saved.train.micro_batch * saved.train.grad_accum
+    n = cfg.train.micro_batch
+    if kn % (ranks * n):
+        fits = [k for k in range(1, kn // n + 1) if kn % (k * n) == 0]
+        raise ValueError(f"the run's global batch {kn} cannot be kept on {ranks} ranks of train.micro_batch={n}: "
+                         f"ranks x micro_batch x grad_accum must be {kn}; pick --nodes x --gpus-per-node among "
+                         f"{', '.join(map(str, fits))} ranks, or start a new run folder")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=kn // (ranks * n)))
 
 
 def from_dict(data: dict) -> Config:

@@ -16,6 +16,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # silently replace the paper's SGD and its per-iteration warmup.
 FORBIDDEN_KEYS = ("optimizer", "scheduler")
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in elements
+# Filled from the config (or checked against it): they follow the cluster's shape.
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 def ds_config_path(cfg: Config) -> Path:
@@ -36,11 +38,7 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
         if key in ds:
             errors.append(f'"{key}" must not be set: the optimizer and lr schedule come from the config '
                           "(optim.*, schedule.*); remove the key")
-    expected = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": plan.global_batch,
-    }
+    expected = dict(zip(BATCH_KEYS, (cfg.train.micro_batch, cfg.train.grad_accum, plan.global_batch)))
     for key, want in expected.items():
         if key in ds and ds[key] != want:
             errors.append(f"{key}={ds[key]} but the config gives {want}; remove the key or make them agree")

@@ -13,7 +13,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from pipeline import config
-from pipeline.data import decode, order, streams, workers
+from pipeline.data import decode, order, streams
+from pipeline.data.workers import loader as make_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.train import loop
 from torchvision.transforms import v2
@@ -52,7 +53,7 @@ def test_rank_r_reads_its_slice_of_one_global_permutation(shard_dir, world, work
     batches = per_rank // n
     for rank in range(world):
         rows = plan_rows(train_stream(manifest, demo_data_cfg(), n, rank, world, epoch=3), workers)
-        assert [r["step"] for r in rows] == list(range(batches))  # every rank the same steps, in order
+        assert [r["micro"] for r in rows] == list(range(batches))  # every rank the same steps, in order
         assert all(len(r["keys"]) == n for r in rows)  # drop_last: only full batches
         keys = [k for r in rows for k in r["keys"]]
         # a rank may start and end mid-shard (shards hold 25); it reads the front of its slice
@@ -85,7 +86,7 @@ def test_each_epoch_a_new_permutation_and_a_new_remainder(shard_dir):
 
 
 def loader_batches(stream, cfg) -> list[streams.Batch]:
-    return list(workers.loader(stream, cfg, pin_memory=False))
+    return list(make_loader(stream, cfg, pin_memory=False))
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -120,11 +121,12 @@ def test_inspect_cli_prints_the_plan(shard_dir):
     manifest = load_manifest(shard_dir, "train")
     out = subprocess.run([sys.executable, "-m", "pipeline.data", "inspect", "--shards", str(shard_dir),
                           "--world-size", "2", "--workers", "3", "--batch-size", "8", "--epoch", "1",
-                          "--shuffle-buffer", "20"], capture_output=True, text=True, check=True).stdout
+                          "--shuffle-buffer", "20", "--access", "stream"], capture_output=True, text=True,
+                         check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     for rank in range(2):
         want = plan_rows(train_stream(manifest, demo_data_cfg(), 8, rank, 2, epoch=1), 3)
-        assert [{k: r[k] for k in ("worker", "step", "keys")} for r in rows if r["rank"] == rank] == want
+        assert [{"worker": r["worker"], "micro": r["step"], "keys": r["keys"]} for r in rows if r["rank"] == rank] == want
     assert {r["worker"] for r in rows} == {0, 1, 2}
 
 
@@ -133,7 +135,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(shard_dir, workers):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=workers)
     stream = train_stream(manifest, cfg, 8, 0, 2, epoch=2)
-    batches = workers.loader(stream, cfg, pin_memory=False)  # one persistent loader for every pass
+    batches = make_loader(stream, cfg, pin_memory=False)  # one persistent loader for every pass
     full = list(batches)
     for start in (1, 5, 14, 15):
         stream.set_epoch(2, start)
@@ -173,7 +175,7 @@ def test_persistent_workers_follow_set_epoch(shard_dir):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=2)
     stream = train_stream(manifest, cfg, 8, 0, 2, epoch=0)
-    batches = workers.loader(stream, cfg, pin_memory=False)
+    batches = make_loader(stream, cfg, pin_memory=False)
     epochs = []
     for epoch in range(2):
         stream.set_epoch(epoch)
@@ -351,7 +353,7 @@ def test_normalize_uses_mean_and_std():
 def test_on_gpu_batches_are_pinned_and_reach_the_model_channels_last(shard_dir):
     manifest = load_manifest(shard_dir, "train")
     cfg = demo_data_cfg(workers=2)
-    batch = next(iter(workers.loader(train_stream(manifest, cfg, 8, 0, 1), cfg, pin_memory=True)))
+    batch = next(iter(make_loader(train_stream(manifest, cfg, 8, 0, 1), cfg, pin_memory=True)))
     assert batch.images.is_pinned() and batch.keys and batch.corrupt == 0
     x = loop.model_input(batch.images, config.preset("demo"), torch.device("cuda"))
     assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)

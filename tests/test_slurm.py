@@ -153,6 +153,36 @@ def test_sbatch_template_on_two_nodes_survives_a_short_time_limit(reference, sha
     assert logs == [f"{job}_0.log", f"{job}_1.log"]  # one log per rank, appended to across requeues
 
 
+def test_a_run_stopped_on_two_nodes_resumes_on_one_with_the_same_weights(reference, shard_dir, tmp_path):
+    """2 nodes x 1 rank under slurm/train.sbatch, stopped mid-epoch and not requeued (--max-requeues 0);
+    then the same run folder through submitit on 1 node x 1 rank: grad_accum 2, the same global batches,
+    and the final weights of the uninterrupted 2-rank run."""
+    run_dir, script = tmp_path / "resized", tmp_path / "two nodes.sbatch"
+    result = submit("--emit-sbatch", str(script), "--nodes", "2", "--gpus-per-node", "1", "--time", "10",
+                    "--max-requeues", "0", "--assume-shared", "--run-dir", str(run_dir), f"data.shards={shard_dir}",
+                    *LONG)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = subprocess.run(["sbatch", "--parsable", "--output", str(tmp_path / "batch-%j.out"), str(script)],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    wait_until(lambda: len(steps(run_dir)) >= 20, 120, "step 20", tmp_path)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_until(lambda: not in_queue(job), 180, "the end of the stopped job", tmp_path)
+    (stop,) = steps(run_dir, "stop")
+    assert not stop["requeued"] and stop["step"] % 15 != 0
+    resumed = submit("--cluster", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "10", "--wait",
+                     "--run-dir", str(run_dir), f"data.shards={shard_dir}", *LONG)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming on 1 ranks with train.grad_accum=2 (it ran on 2 with 1)" in resumed.stdout
+    (resume,) = steps(run_dir, "resume")
+    assert (resume["step"], resume["ranks"], resume["ranks_before"]) == (stop["step"], 1, 2)
+    assert_every_step_once(run_dir, TOTAL_STEPS)
+    got, want = final_state(run_dir), final_state(reference)
+    weights = [k for k in want if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 20
+    # as exact as the 2-rank runs among themselves: a sum of two gradients rounds the same in either order
+    assert_same_state({k: got[k] for k in weights}, {k: want[k] for k in weights})
+
+
 def test_sbatch_template_on_two_nodes_by_two_tasks(slurm, shard_dir, weird_root):
     run_dir, script = weird_root / "four ranks", weird_root / "four ranks.sbatch"
     result = submit("--emit-sbatch", str(script), "--nodes", "2", "--gpus-per-node", "2", "--time", "10",

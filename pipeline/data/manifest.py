@@ -8,6 +8,11 @@ the launcher and `verify`, all through this module, the one owner of the format.
 
 `shards` is in stream order; `order_seed` is the seed of the train file order (None for val); `mode` is
 "copy" or "max_side=N" (images re-encoded no larger than N px).
+
+Beside each manifest, DIR/<split>.index.npy locates every sample for random access: one row per sample,
+in manifest order, (shard, offset, length): the byte range of the shard file that holds the sample's tar
+members (headers and data of its .cls and .jpg, which the converter writes next to each other), so one
+positioned read returns the whole sample.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 VERSION = 1
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +43,7 @@ class Manifest:
     source: str | None = None  # the folder tree it was converted from
     shard_samples: int | None = None  # images per shard asked of the converter
     order_seed: int | None = None  # seed of the train file order; None for val
+    index_sha256: str | None = None  # of DIR/<split>.index.npy; None: written without the sample index
 
     def urls(self, template: str = "") -> list[str]:
         """Where to read each shard, in manifest order: `template` with {name} replaced by the shard's file
@@ -62,12 +71,14 @@ def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
     if counted != raw["num_samples"]:
         raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; reconvert")
     return Manifest(path, raw["split"], raw["num_samples"], raw["classes"], raw["shards"], raw["skipped"],
-                    raw.get("source"), raw.get("shard_samples"), raw.get("order_seed"))
+                    raw.get("source"), raw.get("shard_samples"), raw.get("order_seed"), raw.get("index_sha256"))
 
 
-def write_manifest(shards_dir: Path, split: str, *, source: str, classes: list[str], shard_samples: int,
-                   order_seed: int | None, max_side: int | None, shards: list[dict], skipped: list[dict]) -> dict:
-    """Write DIR/<split>.json atomically; returns what was written."""
+def write_manifest(shards_dir: Path, split: str, *, source: str, classes: list[str], shard_samples: int | None,
+                   order_seed: int | None, max_side: int | None, shards: list[dict], skipped: list[dict],
+                   index: np.ndarray | None) -> dict:
+    """Write DIR/<split>.json atomically, after the sample index when given; returns what was written."""
+    index_sha256 = file_sha256(write_index(shards_dir, split, index)) if index is not None else None
     manifest = {
         "version": VERSION,
         "split": split,
@@ -79,6 +90,7 @@ def write_manifest(shards_dir: Path, split: str, *, source: str, classes: list[s
         "mode": "copy" if max_side is None else f"max_side={max_side}",
         "shards": shards,
         "skipped": skipped,
+        "index_sha256": index_sha256,
     }
     write_json(manifest_path(shards_dir, split), manifest)
     return manifest
@@ -100,3 +112,46 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def index_path(shards_dir: str | os.PathLike, split: str) -> Path:
+    """DIR/<split>.index.npy."""
+    return Path(shards_dir) / f"{split}.index.npy"
+
+
+def write_index(shards_dir: Path, split: str, rows: np.ndarray) -> Path:
+    """Write the sample index of a split atomically (rows of INDEX_DTYPE, in manifest order)."""
+    path = index_path(shards_dir, split)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, rows.astype(INDEX_DTYPE, copy=False))
+    os.replace(tmp, path)
+    return path
+
+
+def load_index(manifest: Manifest, check: bool = True) -> np.ndarray:
+    """The sample index of a manifest's split, memory-mapped (shared by every worker through the page
+    cache), checked against the hash the manifest recorded unless check is False; errors name the file and
+    the one command that adds or repairs it."""
+    path = index_path(manifest.path.parent, manifest.split)
+    fix = f"add it with: python -m pipeline.shards index {manifest.path.parent}"
+    if manifest.index_sha256 is None or not path.is_file():
+        raise FileNotFoundError(f"{manifest.path} has no sample index ({path}), which random access needs "
+                                f"(data.access=indexed); {fix}, or set data.access=stream")
+    if check and file_sha256(path) != manifest.index_sha256:
+        raise ValueError(f"{path} is not the index {manifest.path} was written with (sha256 differs); {fix}")
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except ValueError as err:
+        raise ValueError(f"{path} is not a sample index ({err}); {fix}") from None
+    if rows.dtype != INDEX_DTYPE or rows.shape != (manifest.num_samples,):
+        raise ValueError(f"{path} holds {rows.shape[0] if rows.ndim else 0} rows of {rows.dtype} but {manifest.path} "
+                         f"lists {manifest.num_samples} samples; {fix}")
+    return rows
+
+
+def add_index(manifest: Manifest, rows: np.ndarray) -> None:
+    """Write the sample index of an existing manifest's split and record its hash in the manifest."""
+    raw = json.loads(manifest.path.read_text())
+    raw["index_sha256"] = file_sha256(write_index(manifest.path.parent, manifest.split, rows))
+    write_json(manifest.path, raw)

@@ -18,16 +18,13 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, loader_mode
 from pipeline.data.decode import DECODE_ERRORS, decode_eval, decode_train
-from pipeline.data.manifest import Manifest
-from pipeline.data.order import Segment, batches_before, block_shuffle, epoch_order, stream_segments, worker_batches
-
-# Only these members of a shard are ever read: a shard carrying a pickle never reaches pickle.loads.
-SAMPLE_EXTENSIONS = (".jpg", ".cls")
-
+from pipeline.data.manifest import Manifest, load_index
+from pipeline.data.order import (batches_before, block_shuffle, epoch_order, epoch_permutation, micro_batch_index,
+                                 micro_batch_samples, stream_segments, worker_batches)
+from pipeline.data.samples import SampleReader, read_segments
 
 class Batch(NamedTuple):
     """What the loader yields: uint8 images [n, 3, S, S] (channels_last), int64 labels [n], the shard keys
@@ -37,27 +34,6 @@ class Batch(NamedTuple):
     labels: torch.Tensor
     keys: list[str]
     corrupt: int
-
-
-def read_segments(segments: list[Segment]) -> Iterator[dict]:
-    """Samples {"__key__", "__url__", "jpg", "cls"} of each segment in turn (a skip reads through the tar)."""
-    for seg in segments:
-        streams = wds.tariterators.url_opener([{"url": seg.url}])
-        files = wds.tariterators.tar_file_expander(streams, select_files=lambda name: name.endswith(SAMPLE_EXTENSIONS))
-        samples = wds.tariterators.group_by_keys(files)
-        taken = 0
-        for i, sample in enumerate(samples):
-            if i < seg.skip:
-                continue
-            if "jpg" not in sample or "cls" not in sample:
-                raise ValueError(f"{seg.url}: sample {sample['__key__']!r} lacks .jpg or .cls")
-            yield sample
-            taken += 1
-            if taken == seg.take:
-                break
-        if taken != seg.take:
-            raise ValueError(f"{seg.url}: expected {seg.skip + seg.take} samples, found {seg.skip + taken}; "
-                             "the shard does not match its manifest, reconvert it")
 
 
 def _describe(sample: dict, err: Exception) -> str:
@@ -114,7 +90,9 @@ def _shared_position():
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """One rank's training batches, one epoch per pass; set_epoch() picks the epoch and the first step."""
+    """One rank's training batches with streaming access (data.access=stream), one epoch per pass: whole
+    shards in a permuted order, read through, shuffled in blocks (pipeline.data.order); set_epoch() picks
+    the epoch and the first step."""
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int,
                  rank: int, world_size: int, seed: int):
@@ -175,6 +153,71 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield batch
 
 
+class IndexedTrainStream(torch.utils.data.IterableDataset):
+    """One rank's training micro-batches with indexed access (data.access=indexed), one epoch per pass:
+    the epoch's permutation of every sample, cut into global batches and micro-batches that do not depend
+    on the cluster's shape (pipeline.data.order says how); set_epoch() picks the epoch and the first
+    micro-batch."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int, rank: int,
+                 world_size: int, grad_accum: int, seed: int):
+        super().__init__()
+        if num_batches % grad_accum or num_batches * batch_size * world_size > manifest.num_samples:
+            raise ValueError(f"{num_batches} micro-batches of {batch_size} on each of {world_size} ranks (grad_accum "
+                             f"{grad_accum}) are not whole steps within the {manifest.num_samples} samples")
+        self.manifest, self.cfg = manifest, cfg
+        self.batch_size, self.num_batches = batch_size, num_batches
+        self.rank, self.world_size, self.grad_accum, self.seed = rank, world_size, grad_accum, seed
+        self.position = _shared_position()
+        self._index = self._reader = self._permutation = None  # made in the process that reads
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass yields micro-batches [start_step, num_batches) of `epoch`."""
+        if not 0 <= start_step <= self.num_batches:
+            raise ValueError(f"start_step={start_step} outside the epoch's {self.num_batches} micro-batches")
+        self.position[0], self.position[1] = epoch, start_step
+
+    def __getstate__(self) -> dict:  # workers get the description, not the open files or the mapped index
+        return {**self.__dict__, "_index": None, "_reader": None, "_permutation": None}
+
+    def sample_batches(self, worker: int, num_workers: int) -> Iterator[tuple[int, list[dict]]]:
+        """(micro-batch m of the rank, undecoded samples) of one worker's micro-batches, from the set start on:
+        m = start + worker, start + worker + num_workers, ... The one implementation behind both training and
+        `inspect`."""
+        epoch, start = self.position[0], self.position[1]
+        if self._index is None:
+            self._index = load_index(self.manifest, check=False)  # the rank checked its hash once
+            self._reader = SampleReader(self.manifest.urls())
+        if self._permutation is None or self._permutation[0] != epoch:
+            self._permutation = (epoch, epoch_permutation(self.manifest.num_samples, self.seed, epoch))
+        permutation = self._permutation[1]
+        for m in range(start + worker, self.num_batches, num_workers):
+            ids = micro_batch_samples(permutation, m, self.rank, self.world_size, self.grad_accum, self.batch_size)
+            rows = self._index[ids]
+            yield m, [self._reader.read(int(r["shard"]), int(r["offset"]), int(r["length"])) for r in rows]
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.position[0]
+        decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
+        for m, samples in self.sample_batches(*_worker()):
+            # Crops and flips of a micro-batch draw from a seed of its own, the same on any cluster shape;
+            # the caller's generator is left as it was (with workers=0 the loader runs in the training process).
+            micro_batch = micro_batch_index(m, self.rank, self.world_size, self.grad_accum)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(
+                    int(np.random.SeedSequence([self.seed, epoch, micro_batch]).generate_state(1)[0]))
+                batch = make_batch(samples, decode, warn_corrupt)
+            yield batch
+
+
+def train_stream(manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int, rank: int,
+                 world_size: int, grad_accum: int, seed: int) -> TrainStream | IndexedTrainStream:
+    """A rank's training stream in the access mode the config asks for (config.loader_mode)."""
+    if loader_mode(cfg) == "indexed":
+        return IndexedTrainStream(manifest, cfg, batch_size, num_batches, rank, world_size, grad_accum, seed)
+    return TrainStream(manifest, cfg, batch_size, num_batches, rank, world_size, seed)
+
+
 class EvalStream(torch.utils.data.IterableDataset):
     """One rank's share of the validation split: every sample once across all ranks, no padding."""
 
@@ -204,10 +247,11 @@ class EvalStream(torch.utils.data.IterableDataset):
             yield make_batch(samples, decode, raise_corrupt)
 
 
-def rank_plan(stream: TrainStream | EvalStream, workers: int) -> Iterator[dict]:
-    """{"worker", "step", "keys"} of every batch of a rank, in the order the rank trains on them."""
+def rank_plan(stream: TrainStream | IndexedTrainStream | EvalStream, workers: int) -> Iterator[dict]:
+    """{"worker", "micro", "keys"} of every micro-batch of a rank (micro: its number in the rank's epoch), in
+    the order the rank trains on them."""
     def part(worker: int) -> Iterator[tuple[int, int, list[str]]]:
-        for step, samples in stream.sample_batches(worker, workers):
-            yield step, worker, [s["__key__"] for s in samples]
-    for step, worker, keys in heapq.merge(*map(part, range(workers))):
-        yield {"worker": worker, "step": step, "keys": keys}
+        for micro, samples in stream.sample_batches(worker, workers):
+            yield micro, worker, [s["__key__"] for s in samples]
+    for micro, worker, keys in heapq.merge(*map(part, range(workers))):
+        yield {"worker": worker, "micro": micro, "keys": keys}

@@ -13,7 +13,7 @@ import submitit
 
 from pipeline import config
 from pipeline.data.manifest import load_manifest
-from pipeline.dsconfig import load_ds_config
+from pipeline.dsconfig import BATCH_KEYS, ds_config_path, load_ds_config
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
 from pipeline.train import model
@@ -44,9 +44,37 @@ def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
     cfg = config.apply_overrides(cfg, overrides)
     # The ranks may start elsewhere: make the shard folder absolute once, here.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+    saved = config.load_run_config(run_dir)[0] if (run_dir / "config.json").is_file() else None
+    if saved is not None:
+        cfg = config.keep_global_batch(saved, cfg, any(o.startswith("train.grad_accum=") for o in overrides))
     plan = config.resolve(cfg)
     model.check_arch(cfg.model.arch)
-    return Run(run_dir, cfg, plan, load_ds_config(cfg, plan))
+    run = Run(run_dir, cfg, plan, load_ds_config(cfg, plan))
+    if saved is not None:
+        check_resume(run, saved)
+    return run
+
+
+def check_resume(run: Run, saved: config.Config) -> None:
+    """A run folder may be resumed with the same config, or on another cluster shape with the same global
+    batch under indexed access, and with the same DeepSpeed JSON but for its batch keys; anything else
+    that would change the optimisation is refused, naming the keys."""
+    path = run.run_dir / "config.json"
+    changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESHAPE_KEYS)
+    if changed:
+        raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "
+                         "run, or the same settings to resume this one")
+    reshaped = config.differences(config.to_dict(saved), config.to_dict(run.cfg))
+    if reshaped and config.loader_mode(run.cfg.data) == "stream":
+        raise ValueError(f"{path}: with data.access=stream the batches depend on the cluster's shape "
+                         f"({'; '.join(reshaped)}); resume with the shape it ran on, or use indexed access")
+    old = json.loads((run.run_dir / "ds_config.json").read_text())
+    keys = sorted(key for key in set(old) | set(run.ds_config)
+                  if key not in BATCH_KEYS and old.get(key) != run.ds_config.get(key))
+    if keys:
+        raise ValueError(f"{ds_config_path(run.cfg)} differs from the "
+                         f"{run.run_dir / 'ds_config.json'} this run was started with in {', '.join(keys)}; restore "
+                         "it to resume, or pass a new --run-dir")
 
 
 def make_demo_data(cfg: config.Config, preset: str) -> None:
@@ -104,19 +132,22 @@ def check_paths(cfg: config.Config, run_dir: Path, assume_shared: bool) -> None:
                              "pass --assume-shared if every node mounts it")
 
 
-def prepare_run_dir(run: Run) -> None:
-    """Create the run folder with config.json and ds_config.json, or check an existing one matches."""
+def prepare_run_dir(run: Run) -> str | None:
+    """Create the run folder with config.json and ds_config.json; for a run resumed on another cluster shape
+    (resolve_run checked it), write them anew and return a line that says so."""
     run_dir, cfg = run.run_dir, run.cfg
+    note = None
     if (run_dir / "config.json").is_file():
-        saved, _ = config.load_run_config(run_dir)
-        changed = config.differences(config.to_dict(saved), config.to_dict(cfg))
-        if changed:
-            raise ValueError(f"{run_dir / 'config.json'} holds another config ({'; '.join(changed)}); pass a new "
-                             "--run-dir to start a new run, or the same settings to resume this one")
-        return
+        saved, saved_plan = config.load_run_config(run_dir)
+        if not config.differences(config.to_dict(saved), config.to_dict(cfg)):
+            return None
+        note = (f"resuming on {run.plan.world_size} ranks with train.grad_accum={cfg.train.grad_accum} (it ran on "
+                f"{saved_plan.world_size} with {saved.train.grad_accum}): the same global batch "
+                f"{run.plan.global_batch}, the same micro-batches in the same steps")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save_run_config(run_dir, cfg, run.plan)
     (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
+    return note
 
 
 def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, name: str,

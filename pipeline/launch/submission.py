@@ -87,7 +87,9 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
     """Submit one run; on this machine (or with --wait) follow it and print its report."""
     run_dir = run.run_dir
     executor = make_executor(args, run.cfg, run_dir / "submitit", run_dir.name, options)
-    prepare_run_dir(run)
+    note = prepare_run_dir(run)
+    if note:
+        print(note, flush=True)
     earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
     job = executor.submit(TrainJob(run_dir))
     status.record_submission(run_dir, job.job_id, executor.cluster)

@@ -1,4 +1,5 @@
-"""Command line of the shard converter: python -m pipeline.shards convert --src ROOT --out DIR | verify DIR."""
+"""Command line of the shard converter: python -m pipeline.shards convert --src ROOT --out DIR | verify DIR |
+index DIR."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from pipeline.shards.convert import DEFAULT_SHARD_SAMPLES, convert
 from pipeline.shards.convert import __doc__ as DESCRIPTION
+from pipeline.shards.index import index
 from pipeline.shards.verify import BadShard, verify
 
 
@@ -39,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
                                        "count, a sample without .jpg/.cls, a label out of range).")
     check.add_argument("dir", type=Path, help="folder holding train.json / val.json and their shards")
     check.add_argument("--deep", action="store_true", help="also decode every image (as slow as a pass of training)")
+    add = sub.add_parser("index", help="add the sample index (random access) to shards converted without one",
+                         description="Read every tar header of DIR's shards once and write DIR/train.index.npy and "
+                                     "DIR/val.index.npy, recording their hashes in the manifests. convert writes "
+                                     "them itself; this is for shard folders converted before it did.")
+    add.add_argument("dir", type=Path, help="folder holding train.json / val.json and their shards")
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
             convert(args.src, args.out, args.shard_samples, args.seed, args.force, args.workers,
                     (args.task_index, args.num_tasks), args.val_labels, args.max_side)
+        elif args.command == "index":
+            index(args.dir)
         else:
             verify(args.dir, args.deep)
     except BadShard as err:

@@ -1,5 +1,6 @@
 """`python -m pipeline.shards verify`: every shard against its manifest (sha256, sample count, members,
-labels; with --deep, every image decodes as the converter wrote it)."""
+labels; with --deep, every image decodes as the converter wrote it), and the sample index against the hash
+the manifest recorded."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.manifest import file_sha256, load_manifest
+from pipeline.data.manifest import file_sha256, load_index, load_manifest
 from pipeline.shards.sources import SPLITS, BadImage, rgb_jpeg
 
 
@@ -59,5 +60,13 @@ def verify(out: Path, deep: bool = False) -> None:
                 samples += verify_shard(Path(url), entry, len(manifest.classes), deep)
                 bar.update(1)
         checks = "sha256, counts, labels" + (", every image decoded" if deep else "")
+        if manifest.index_sha256 is None:
+            checks += f"; no sample index: add it with python -m pipeline.shards index {out}"
+        else:
+            try:  # written from these very shards, whose sha256 matched: its own hash is all left to check
+                load_index(manifest)
+            except ValueError as err:
+                raise BadShard(str(err)) from None
+            checks += ", sample index"
         print(f"{split}: {len(manifest.shards)} shards, {samples} samples match {manifest.path} ({checks}), "
               f"{time.time() - started:.1f} s", file=sys.stderr)

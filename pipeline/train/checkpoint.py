@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import differences
+from pipeline.config import RESHAPE_KEYS, differences
 from pipeline.train.distributed import is_primary
 
 
@@ -69,12 +69,17 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     return tag
 
 
-def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict] | None:
-    """Load the newest complete checkpoint into the engine: (its tag, its position), or None without one.
+def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
+    """Load the newest complete checkpoint into the engine: (its tag, its position, the number of ranks that
+    wrote it), or None without one.
 
     Model, optimizer (momentum buffers), lr scheduler and global step come back through DeepSpeed, this
     rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another
-    config is refused, naming the keys that differ.
+    config is refused, naming the keys that differ, but for the cluster's shape (config.RESHAPE_KEYS; the
+    launcher allows that only where the batches do not depend on it). Resumed on another number of ranks,
+    every rank takes the mean of the old ranks' floating-point buffers (BN running statistics: what
+    evaluation uses anyway) and the RNG states of old rank (rank mod old ranks); nothing the training draws
+    depends on those (each micro-batch seeds its own crops and flips).
     """
     ckpt = directory(run_dir)
     if not (ckpt / "latest").is_file():
@@ -84,17 +89,25 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict] | None:
     if path is None:
         raise RuntimeError(f"{ckpt / 'latest'} names {tag!r}, which DeepSpeed could not load; "
                            f"remove {ckpt / tag} and point 'latest' at an older tag, or start a new run folder")
-    rank_file = _rank_file(ckpt / tag, dist.get_rank())
-    if "position" not in client or not rank_file.is_file():
-        raise ValueError(f"{ckpt / tag} lacks the loader position or {rank_file.name}: it was written by an older "
-                         "version of this pipeline, which cannot resume it exactly; start a new run folder")
-    changed = differences(client["config"], config)
+    rank_files = sorted((ckpt / tag).glob("rank*_state.pt"))
+    if "position" not in client or not rank_files:
+        raise ValueError(f"{ckpt / tag} lacks the loader position or the ranks' state files: it was written by an "
+                         "older version of this pipeline, which cannot resume it exactly; start a new run folder")
+    changed = differences(client["config"], config, ignore=RESHAPE_KEYS)
     if changed:
         raise ValueError(f"{ckpt / tag} was written with another config than {Path(run_dir) / 'config.json'} "
                          f"({'; '.join(changed)}); start a new run folder instead of resuming this one")
-    state = torch.load(rank_file, weights_only=False)
-    _set_rng_state(state["rng"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if len(rank_files) == world:
+        own = torch.load(_rank_file(ckpt / tag, rank), weights_only=False)
+        buffers = own["buffers"]
+    else:
+        states = [torch.load(f, weights_only=False) for f in rank_files]
+        own = states[rank % len(states)]
+        buffers = {name: torch.stack([s["buffers"][name] for s in states]).mean(0) if value.is_floating_point()
+                   else value for name, value in own["buffers"].items()}
+    _set_rng_state(own["rng"])
     with torch.no_grad():
         for name, buffer in engine.module.named_buffers():
-            buffer.copy_(state["buffers"][name])
-    return tag, client["position"]
+            buffer.copy_(buffers[name])
+    return tag, client["position"], len(rank_files)

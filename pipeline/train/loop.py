@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config, Plan, load_run_config, to_dict
+from pipeline.config import Config, Plan, load_run_config, loader_mode, to_dict
 from pipeline.data.decode import normalize
-from pipeline.data.manifest import load_manifest
-from pipeline.data.streams import EvalStream, TrainStream
+from pipeline.data.manifest import load_index, load_manifest
+from pipeline.data.streams import EvalStream, train_stream
 from pipeline.data.workers import loader
 from pipeline.train import checkpoint, metrics, model, preempt, report
 from pipeline.train.distributed import average_bn_statistics, init_distributed, is_primary
@@ -156,18 +156,21 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     resumed = checkpoint.resume(engine, run_dir, config_dict)
     epoch, step_in_epoch = 0, 0
     if resumed:
-        tag, position = resumed
+        tag, position, ranks_before = resumed
         epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:
-        record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps)
+        record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
+                           ranks_before=ranks_before)
         if is_primary():
             print(metrics.progress_line(record), flush=True)
     rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
-    train_stream = TrainStream(train_manifest, cfg.data, cfg.train.micro_batch,
-                                    plan.steps_per_epoch * cfg.train.grad_accum, rank, world, cfg.train.seed)
-    train_batches = loader(train_stream, cfg.data, pin)
+    if loader_mode(cfg.data) == "indexed":
+        load_index(train_manifest)  # its hash, once; the workers map it unchecked
+    stream = train_stream(train_manifest, cfg.data, cfg.train.micro_batch, plan.steps_per_epoch * cfg.train.grad_accum,
+                          rank, world, cfg.train.grad_accum, cfg.train.seed)
+    train_batches = loader(stream, cfg.data, pin)
     val_stream = EvalStream(val_manifest, cfg.data, cfg.train.micro_batch, rank, world)
     val_batches = loader(val_stream, cfg.data, pin, persistent=False)
     result = {}
@@ -175,13 +178,13 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     first_epoch = epoch
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
-        train_stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
+        stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
         corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop)
         if stopped:
             tag = save_checkpoint(f"step-{engine.global_steps:07d}")
             end_after_stop(engine, stop, tag, max_requeues, device, log)
         if cfg.train.precise_bn_batches:
-            train_stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
+            stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
             precise_bn(engine.module, train_batches, cfg.train.precise_bn_batches, cfg, device)
         result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1

@@ -61,5 +61,7 @@ def progress_line(record: dict) -> str | None:
                 f"checkpoint {record['checkpoint']} complete; "
                 + ("job requeued, it resumes there" if record["requeued"] else record["message"]))
     if kind == "resume":
-        return f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
+        before = record.get("ranks_before", record.get("ranks"))
+        return (f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
+                + (f", on {record['ranks']} ranks (it ran on {before})" if before != record.get("ranks") else ""))
     return None

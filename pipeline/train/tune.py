@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import config
+from pipeline.dsconfig import BATCH_KEYS
 from pipeline.scaling import model as scaling
 from pipeline.train import buckets, model
 from pipeline.train.distributed import init_distributed, is_primary
@@ -153,7 +154,7 @@ def _write(run_dir: Path, cfg, ds_config: dict, result: dict, target: Path) -> s
     zero["overlap_comm"] = best != "off"
     if best != "off":
         zero["reduce_bucket_size"] = int(best)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in BATCH_KEYS:
         tuned.pop(key, None)  # filled from the config at submission, like the shipped JSONs
     target.write_text(json.dumps(tuned, indent=2) + "\n")
     links = result["links"]
