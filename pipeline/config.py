@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,7 @@ def _parse_value(key: str, kind: type, text: str):
             return kind(text)
         if typing.get_origin(kind) is tuple:
             (item, _) = typing.get_args(kind)
-            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+            parts = [p for p in text.strip().strip("()[]").split(",") if p.strip()]  # 1,2 or (1, 2) or [1, 2]
             return tuple(item(p) for p in parts)
     except ValueError as err:
         raise ValueError(f"override {key}={text!r}: not a valid {getattr(kind, '__name__', kind)} ({err})") from None
@@ -282,6 +283,23 @@ def resolve(cfg: Config) -> Plan:
     ):
         if value < 0:
             errors.append(f"{key}={value} must be 0 ({zero}) or more")
+    o, sched = cfg.optim, cfg.schedule
+    # What torch's SGD, the schedule or the model would refuse, refused here, before the queue wait.
+    for key, value, ok, rule in (
+        ("optim.base_lr", o.base_lr, 0 < o.base_lr < math.inf, "a finite number above 0"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "finite and 0 or more"),
+        ("schedule.gamma", sched.gamma, 0 < sched.gamma <= 1, "in (0, 1]: the lr is multiplied by it"),
+        ("schedule.warmup_epochs", sched.warmup_epochs, 0 <= sched.warmup_epochs < math.inf, "finite and 0 or more"),
+        ("model.fc_init_std", cfg.model.fc_init_std, 0 < cfg.model.fc_init_std < math.inf, "a finite number above 0"),
+    ):
+        if not ok:
+            errors.append(f"{key}={value} must be {rule}")
+    if o.nesterov and o.momentum == 0:
+        errors.append("optim.nesterov=true needs optim.momentum above 0 (torch's SGD refuses Nesterov without it); "
+                      "set optim.nesterov=false or a momentum")
+    if list(sched.milestones) != sorted(sched.milestones) or any(not 0 <= m < math.inf for m in sched.milestones):
+        errors.append(f"schedule.milestones={sched.milestones} must be finite epochs, 0 or more, in increasing order")
     if cfg.data.eval_resize < cfg.data.image_size:
         errors.append(f"data.eval_resize={cfg.data.eval_resize} is smaller than the centre crop "
                       f"data.image_size={cfg.data.image_size}")
@@ -299,8 +317,6 @@ def resolve(cfg: Config) -> Plan:
                       f"{cfg.data.shard_url!r} reads them elsewhere; use data.access=stream, or drop data.shard_url")
     if cfg.schedule.kind not in ("step", "cosine"):
         errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
-    if cfg.schedule.warmup_epochs < 0:
-        errors.append(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} must be 0 or more")
     if cfg.train.precision not in ("fp32", "bf16"):
         errors.append(f"train.precision={cfg.train.precision!r}; valid: fp32, bf16")
     if cfg.cluster.backend not in ("auto", "gloo", "nccl"):

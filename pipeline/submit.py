@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.launch import options, status, submission
+from pipeline.launch.prepare import choose_cluster
 from pipeline.scaling.model import PAPER, PRESETS
 from pipeline.train import report
 
@@ -34,7 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "an existing one is resumed if its config is the same")
     parser.add_argument("--emit-sbatch", type=Path, metavar="FILE",
                         help="prepare the run folder and write an sbatch script for it (slurm/train.sbatch) instead of submitting")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan, submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved plan, its predicted speed and whether the shards are ready; "
+                             "write and submit nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     parser.add_argument("--hardware", default=PAPER.name,
                         help="with --dry-run: predict step time, images/s, time to train and scaling efficiency "
@@ -45,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--status", type=Path, metavar="RUN_DIR",
                         help="print the job state, last metrics and ETA of a run (or of every run of a sweep)")
     parser.add_argument("--list-keys", action="store_true", help="print every override key with its preset value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +81,8 @@ def launch(args: argparse.Namespace) -> int:
     run_dir, runs, sweep = submission.resolve_runs(args)
     if args.dry_run:
         return submission.dry_run(args, run_dir, runs, sweep)
+    if not args.emit_sbatch:
+        args.cluster = choose_cluster(args.cluster)  # before the demo's data is made
     submission.print_plans(runs, sweep)
     submission.check_data(args, run_dir, runs)
     if args.emit_sbatch:

@@ -25,7 +25,7 @@ from pipeline.launch import options, tuning
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = options.job_parser("python -m pipeline.tune_buckets", __doc__)
+    parser = options.job_parser("python -m pipeline.tune_buckets", __doc__, training=False)
     parser.add_argument("--sizes", default=tuning.DEFAULT_SIZES,
                         help=f"bucket sizes in elements (default {tuning.DEFAULT_SIZES})")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per candidate per round (default 10)")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="write the tuned DeepSpeed JSON here (default RUN_DIR/ds_config_tuned.json)")
     parser.add_argument("--wait", action="store_true", help="on Slurm, wait for the job and print its table")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     try:
         return tuning.launch(args)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -87,3 +87,33 @@ def test_tampered_run_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="does not follow"):
         config.load_run_config(tmp_path)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.base_lr=0", "optim.base_lr=0.0 must be a finite number above 0"),
+    ("optim.base_lr=nan", "optim.base_lr=nan must be a finite number above 0"),
+    ("optim.base_lr=inf", "optim.base_lr=inf must be a finite number above 0"),
+    ("optim.momentum=-0.1", "optim.momentum=-0.1 must be in [0, 1)"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay=-0.0001 must be finite and 0 or more"),
+    ("schedule.gamma=-0.1", "schedule.gamma=-0.1 must be in (0, 1]"),
+    ("schedule.milestones=60,30", "schedule.milestones=(60.0, 30.0) must be finite epochs, 0 or more, in increasing order"),
+    ("schedule.milestones=-1,30", "must be finite epochs, 0 or more"),
+    ("model.fc_init_std=0", "model.fc_init_std=0.0 must be a finite number above 0"),
+    ("schedule.warmup_epochs=inf", "schedule.warmup_epochs=inf must be finite and 0 or more"),
+])
+def test_values_the_optimizer_schedule_or_model_would_reject_are_refused_before_submitting(item, message):
+    with pytest.raises(ValueError) as err:
+        config.resolve(config.apply_overrides(config.preset("goyal_r50_bs256"), [item]))
+    assert message in str(err.value)
+
+
+def test_nesterov_without_momentum_is_refused_before_torch_would():
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), ["optim.momentum=0"])
+    with pytest.raises(ValueError, match="optim.nesterov=true needs optim.momentum above 0"):
+        config.resolve(cfg)
+    config.resolve(config.apply_overrides(cfg, ["optim.nesterov=false"]))
+
+
+def test_tuple_overrides_take_the_list_syntax_that_list_keys_prints():
+    cfg = config.apply_overrides(config.preset("demo"), ["data.mean=[0.1, 0.2, 0.3]", "data.std=(0.3,0.3,0.3)"])
+    assert cfg.data.mean == (0.1, 0.2, 0.3) and cfg.data.std == (0.3, 0.3, 0.3)

@@ -357,3 +357,13 @@ def test_on_gpu_batches_are_pinned_and_reach_the_model_channels_last(shard_dir):
     assert batch.images.is_pinned() and batch.keys and batch.corrupt == 0
     x = loop.model_input(batch.images, config.preset("demo"), torch.device("cuda"))
     assert x.is_cuda and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epoch", "-1"], "--epoch=-1, --start-step=0 and --steps=None must be 0 or more"),
+    (["--start-step", "999"], "--start-step=999 is past the epoch's 30 micro-batches per rank"),
+])
+def test_inspect_refuses_positions_outside_the_epoch(shard_dir, flags, message):
+    out = subprocess.run([sys.executable, "-m", "pipeline.data", "inspect", "--shards", str(shard_dir),
+                          "--batch-size", "8", *flags], capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

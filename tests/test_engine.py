@@ -167,3 +167,21 @@ def test_weight_decay_does_not_scale_with_the_batch():
         cfg, plan = plan_of(config.preset(name))
         groups = engine.build_optimizer(torch.nn.Conv2d(3, 4, 3), cfg, plan).param_groups
         assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+
+
+def test_evaluation_counts_stay_on_the_models_device():
+    """The meta device stands in for a GPU here (none is needed): an operand made on the CPU, such as
+    torch.tensor(len(labels)), fails in torch.stack beside meta tensors as it would beside CUDA ones."""
+    cfg = config.preset("demo")
+    meta = torch.device("meta")
+    net = model.build(cfg.model).to(meta).eval()
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    counts = torch.zeros(3, dtype=torch.float64, device=meta)
+    counts += loop.hit_counts(net(loop.model_input(images, cfg, meta)), torch.randint(0, 10, (4,)).to(meta))
+    assert counts.device == meta and counts.shape == (3,)
+
+
+def test_hit_counts_counts_top1_top5_and_images():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
+    # row 0: top-1 hit; row 1: label 5 is 5th of its top 5; row 2: label 1 is outside its top 5
+    assert loop.hit_counts(logits, torch.tensor([0, 5, 1])).tolist() == [1.0, 2.0, 3.0]

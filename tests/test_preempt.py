@@ -77,3 +77,13 @@ def test_loader_workers_outlive_usr2_and_term_sent_to_the_whole_process_group(sh
                             start_new_session=True)  # its own process group: the signals stay in it
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["30", "SIGUSR2"]
+
+
+def test_a_stop_outside_slurm_says_nothing_was_requeued(monkeypatch):
+    """submitit's local executor installs its requeue handler too; outside Slurm there is nothing to requeue."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    stop = preempt.StopRequest()
+    def submitit_handler(signum, frame):
+        raise SystemExit(-1)
+    stop.previous[signal.SIGUSR2] = submitit_handler
+    assert stop.requeue(max_requeues=3) == (False, "not requeued: not a Slurm job")

@@ -99,6 +99,8 @@ def test_hardware_files_round_trip_and_say_what_is_missing(tmp_path):
     (["--nodes", "0,2"], "--nodes: 0 is not a whole number"),
     (["--nodes", "four"], "--nodes 'four': give node counts"),
     (["--micro-batch", "-1"], "--micro-batch: -1"),
+    (["--micro-batch", "0"], "--micro-batch: 0"),
+    (["--gpus-per-node", "0"], "--gpus-per-node: 0"),
     (["--bucket", "-5"], "--bucket -5"),
 ])
 def test_cli_refuses_bad_numbers(flags, message, capsys):

@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,7 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
     skipped = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in manifest.skipped}
     assert set(skipped) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
     assert skipped["empty.JPEG"] == "empty file"
+    assert not any(" at 0x" in reason for reason in skipped.values())  # no memory addresses: reproducible
     assert manifest.num_samples == 2 * 10 + 3
     for _, _, jpg in read_all(manifest):
         with Image.open(io.BytesIO(jpg)) as image:
@@ -138,14 +140,23 @@ def test_verify_passes_good_shards_and_names_a_flipped_byte(shard_dir, tmp_path,
     copy = tmp_path / "shards"
     shutil.copytree(shard_dir, copy)
     assert shards_main(["verify", str(copy), "--deep"]) == 0
-    assert "240 samples match" in capsys.readouterr().err
-    shard = copy / load_manifest(copy, "train").shards[4]["name"]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    assert "240 samples checked against" in capsys.readouterr().err
+    shards = [copy / entry["name"] for entry in load_manifest(copy, "train").shards]
+    for shard in shards[4], shards[7]:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    before = {shard: shard.stat().st_mtime_ns for shard in shards}
     assert shards_main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {shard}: sha256" in err and "reconvert it" in err
+    assert f"error: {shards[4]}: sha256" in err and f"{shards[7]}: sha256" in err and "2 damaged shards" in err
+    command = err.split("rewrite exactly those with: ")[1].strip()
+    assert command.endswith("--recheck") and "--shard-samples 25" in command
+    repaired = subprocess.run(command.replace("python", shlex.quote(sys.executable), 1), shell=True,
+                              capture_output=True, text=True)
+    assert repaired.returncode == 0, repaired.stderr
+    assert [shard for shard in shards if shard.stat().st_mtime_ns != before[shard]] == [shards[4], shards[7]]
+    assert shards_main(["verify", str(copy)]) == 0
 
 
 def test_deep_verify_decodes_every_image(tmp_path, capsys):
@@ -293,3 +304,47 @@ def test_the_array_job_script_converts_in_tasks_then_merges(image_tree, shard_di
     assert merged.returncode == 0, merged.stderr
     assert "(0 shards written now)" in merged.stderr
     assert manifests(out) == manifests(shard_dir)
+
+
+def test_an_output_folder_inside_the_source_tree_is_refused(tmp_path):
+    """A second run would read the shards as a class folder: every label would shift by one."""
+    root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
+    for out in (root / "train" / "shards", root, tmp_path):
+        with pytest.raises(ValueError, match=f"--out {out} and --src {root} overlap"):
+            convert.convert(root, out)
+    assert not (root / "train" / "shards").exists()
+
+
+def test_two_files_with_one_sample_key_are_both_named(tmp_path):
+    root = write_tree(tmp_path / "src", train_per_class=1, val_per_class=1)
+    folder = root / "train" / "01_trouser"
+    first = next(folder.iterdir())
+    (folder / first.name.replace("_", " ")).write_bytes(first.read_bytes())
+    with pytest.raises(ValueError) as err:
+        convert.convert(root, tmp_path / "out")
+    assert str(folder / first.name.replace("_", " ")) in str(err.value) and str(first) in str(err.value)
+
+
+def test_manifests_and_index_are_readable_by_the_other_users_of_a_shared_folder(shard_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("train.json", "val.json", "train.index.npy"):
+        assert (shard_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"split": "train", "num_sam', "is not valid JSON"),
+    ("[1, 2]", "is not a shard manifest: it lacks every key"),
+    ('{"split": "train", "num_samples": 3, "classes": [], "skipped": []}', "it lacks shards"),
+    ('{"split": "train", "num_samples": 3, "classes": [], "skipped": [], "shards": [{"name": "a.tar"}]}',
+     "a shard entry lacks its name or num_samples"),
+])
+def test_a_broken_manifest_is_named_with_what_is_wrong(tmp_path, text, message, capsys):
+    (tmp_path / "train.json").write_text(text)
+    for command in (["verify", str(tmp_path)], ["index", str(tmp_path)]):
+        assert shards_main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'train.json'}" in err and message in err and "python -m pipeline.shards convert" in err
+    inspect = subprocess.run([sys.executable, "-m", "pipeline.data", "inspect", "--shards", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert inspect.returncode == 2 and message in inspect.stderr and "Traceback" not in inspect.stderr

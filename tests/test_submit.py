@@ -258,6 +258,41 @@ def test_streaming_access_refuses_to_resume_on_another_shape(shard_dir, tmp_path
     same = ["--cluster", "local", "--run-dir", str(tmp_path / "streamed"), f"data.shards={shard_dir}", *SMALL,
             "data.access=stream"]
     assert submit(*same, "--emit-sbatch", str(tmp_path / "job.sbatch")).returncode == 0
+    metrics.MetricsLog(tmp_path / "streamed" / "metrics.jsonl", enabled=True).write("train_iter", step=1)  # it ran
     refused = submit(*same, "--gpus-per-node", "1", "--dry-run")
     assert refused.returncode == 2 and "with data.access=stream the batches depend on the cluster's shape" in refused.stderr
     assert "cluster.gpus_per_node: 2 -> 1" in refused.stderr
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_fails(shard_dir, tmp_path):
+    run_dir = tmp_path / "diverged"
+    result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shard_dir}",
+                    *SMALL, "optim.base_lr=1e6")
+    assert result.returncode == 1
+    records = metrics.read(run_dir / "metrics.jsonl")
+    (diverged,) = [r for r in records if r["_type"] == "diverged"]
+    steps = [r["step"] for r in records if r["_type"] == "train_iter"]
+    assert diverged["step"] < 15 and max(steps) <= diverged["step"] + 1  # stopped within a step of it, mid-epoch
+    assert f"the loss was not finite (nan or inf) by step {diverged['step']}, at lr " in result.stderr
+    assert "it has no checkpoint" in result.stderr and "Lower optim.base_lr" in result.stderr
+    assert not (run_dir / "report.json").exists() and not (run_dir / "checkpoints" / "latest").exists()
+    assert "diverged: the loss was not finite" in result.stdout
+
+
+def test_a_run_folder_that_never_trained_takes_the_corrected_command(shard_dir, tmp_path):
+    run_dir = tmp_path / "first try"
+    same = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL]
+    assert submit(*same, "--emit-sbatch", str(tmp_path / "a.sbatch"), "optim.base_lr=0.5").returncode == 0
+    again = submit(*same, "--emit-sbatch", str(tmp_path / "b.sbatch"))  # the job never ran: nothing to lose
+    assert again.returncode == 0, again.stderr
+    assert config.load_run_config(run_dir)[0].optim.base_lr == 0.0125
+
+
+def test_overrides_may_follow_options_and_dry_run_says_whether_the_shards_are_ready(shard_dir):
+    result = submit("--preset", "goyal_r50_bs256", "--dry-run", "--gpus-per-node", "4", "train.grad_accum=2",
+                    "--nodes", "1")
+    assert result.returncode == 0, result.stderr
+    assert "global_batch=256 (32/gpu x 4 x accum 2)" in result.stdout
+    assert "shards: NOT READY: no manifest" in result.stdout and "python -m pipeline.shards convert" in result.stdout
+    ready = submit("--dry-run", f"data.shards={shard_dir}", *SMALL)
+    assert "shards: ready" in ready.stdout

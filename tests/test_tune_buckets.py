@@ -41,10 +41,16 @@ def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(we
     (["--sizes", "big"], "--sizes 'big': give bucket sizes in elements"),
     (["--sizes", "0"], "at least one bucket size of 1 element or more"),
     (["--steps", "0"], "--steps 0 must be at least 1"),
-    (["--sweep", "train.micro_batch=8,16"], "--sweep does not apply"),
+    (["--sweep", "train.micro_batch=8,16"], "unrecognized arguments: --sweep"),
     (["--write", "/proc/nope/ds.json"], "--write /proc/nope/ds.json: cannot write"),
 ])
 def test_bad_tuning_flags_are_refused_before_anything_runs(flags, message, tmp_path):
     result = run_module("pipeline.tune_buckets", "--cluster", "local", "--run-dir", str(tmp_path / "run"), *flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_tuning_help_shows_no_training_only_flags():
+    shown = run_module("pipeline.tune_buckets", "--help")
+    assert shown.returncode == 0 and "--sizes" in shown.stdout
+    assert not any(flag in shown.stdout for flag in ("--signal-delay", "--max-requeues", "--sweep"))

@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> None:
                     "training loader would read it (same code, no model, no torch.distributed). It reads the "
                     "samples it lists, so limit it with --steps on a large dataset.")
     p.add_argument("--shards", required=True, help="folder holding train.json / val.json and the tars")
-    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--split", choices=("train", "val"), default="train", help="the split to show (default: train)")
     p.add_argument("--world-size", type=int, default=1, help="ranks k (default: 1)")
     p.add_argument("--rank", type=int, help="show only this rank (default: all)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (0 counts as 1)")
     p.add_argument("--batch-size", type=int, default=32, help="micro-batch n per rank (default: 32)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0, help="the epoch to show, from 0 (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="train.seed of the run (default: 0)")
     p.add_argument("--start-step", type=int, default=0,
                    help="resume point: the rank's first micro-batch of the epoch to show (default: 0)")
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("world_size", "workers", "batch_size", "grad_accum", "shuffle_buffer"):
         if getattr(args, name) < (0 if name == "workers" else 1):
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
+    if args.epoch < 0 or args.start_step < 0 or (args.steps is not None and args.steps < 1):
+        parser.error(f"--epoch={args.epoch}, --start-step={args.start_step} and --steps={args.steps} must be 0 or "
+                     "more (--steps at least 1)")
     if args.rank is not None and not 0 <= args.rank < args.world_size:
         parser.error(f"--rank={args.rank} outside 0..{args.world_size - 1}")
     if args.access == "indexed" and args.shard_url:
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     workers = max(args.workers, 1)
     accum = args.grad_accum if args.split == "train" else 1
     num_batches = micro_batches_per_rank(manifest.num_samples, args.world_size, args.batch_size, accum)
+    if args.split == "train" and args.start_step > num_batches:
+        parser.error(f"--start-step={args.start_step} is past the epoch's {num_batches} micro-batches per rank")
     for rank in range(args.world_size) if args.rank is None else [args.rank]:
         if args.split == "train":
             stream = train_stream(manifest, cfg, args.batch_size, num_batches, rank, args.world_size, accum, args.seed)

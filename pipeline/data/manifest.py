@@ -66,10 +66,22 @@ def load_manifest(shards_dir: str | os.PathLike, split: str) -> Manifest:
         raise FileNotFoundError(
             f"no manifest {path}; create the shards with: python -m pipeline.shards convert --src ROOT --out {shards_dir}"
         )
-    raw = json.loads(path.read_text())
-    counted = sum(s["num_samples"] for s in raw["shards"])
-    if counted != raw["num_samples"]:
-        raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; reconvert")
+    fix = f"convert the shards again: python -m pipeline.shards convert --src ROOT --out {shards_dir}"
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): a damaged manifest; {fix}") from None
+    missing = [key for key in ("split", "num_samples", "classes", "shards", "skipped") if key not in raw] \
+        if isinstance(raw, dict) else ["every key: it is not a JSON object"]
+    if missing:
+        raise ValueError(f"{path} is not a shard manifest: it lacks {', '.join(missing)}; {fix}")
+    try:
+        counted = sum(int(s["num_samples"]) for s in raw["shards"])
+        names = [str(s["name"]) for s in raw["shards"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: a shard entry lacks its name or num_samples ({err!r}); {fix}") from None
+    if counted != raw["num_samples"] or not all(names):
+        raise ValueError(f"{path}: num_samples={raw['num_samples']} but its shards hold {counted}; {fix}")
     return Manifest(path, raw["split"], raw["num_samples"], raw["classes"], raw["shards"], raw["skipped"],
                     raw.get("source"), raw.get("shard_samples"), raw.get("order_seed"), raw.get("index_sha256"))
 
@@ -100,9 +112,17 @@ def write_json(path: Path, obj: dict) -> None:
     """Write JSON under a temporary name of its own and rename it: readers (and concurrent array tasks)
     see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.fchmod(fd, _readable_mode())  # mkstemp makes 0600: other users of a shared dataset must read it
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def _readable_mode() -> int:
+    """0666 under the process's umask, as open() would create a file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def file_sha256(path: Path) -> str:
@@ -123,6 +143,7 @@ def write_index(shards_dir: Path, split: str, rows: np.ndarray) -> Path:
     """Write the sample index of a split atomically (rows of INDEX_DTYPE, in manifest order)."""
     path = index_path(shards_dir, split)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.fchmod(fd, _readable_mode())
     with os.fdopen(fd, "wb") as f:
         np.save(f, rows.astype(INDEX_DTYPE, copy=False))
     os.replace(tmp, path)

@@ -15,8 +15,9 @@ OWN_SBATCH_KEYS = {"nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node",
                    "output", "error", "array", "requeue", "open-mode", "ntasks", "gpus"}
 
 
-def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The flags of a job on the cluster (config, resources, Slurm), shared by submit and tune_buckets."""
+def job_parser(prog: str, description: str, training: bool = True) -> argparse.ArgumentParser:
+    """The flags of a job on the cluster (config, resources, Slurm), shared by submit and tune_buckets; the
+    flags of training alone (stop signals, requeues, sweeps) only with `training`."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", help=f"config preset: {', '.join(config.PRESETS)} (default demo)")
@@ -24,7 +25,8 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-node", type=int, help="GPUs = ranks per node; on CPU, processes (default: the preset's)")
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores per rank, also its torch threads (default: the preset's)")
     parser.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
-                        help="auto: Slurm when srun is on PATH, else this machine; debug: in this process, 1 rank")
+                        help="auto: Slurm when srun is on PATH and a controller answers scontrol ping, else this "
+                             "machine; debug: in this process, 1 rank")
     slurm = parser.add_argument_group("Slurm (ignored by --cluster local and debug)")
     slurm.add_argument("--partition", help="partition to run in")
     slurm.add_argument("--account", help="account to charge")
@@ -35,14 +37,20 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     slurm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                        help="any other sbatch option, e.g. --slurm reservation=big --slurm mail-type=END (repeatable)")
     slurm.add_argument("--time", type=int, default=72 * 60, help="time limit in minutes (default 4320)")
-    slurm.add_argument("--signal-delay", type=int, default=90, metavar="SECONDS",
-                       help="SIGUSR2 this long before the time limit: the ranks checkpoint and the job requeues (default 90)")
-    slurm.add_argument("--max-requeues", type=int, default=3,
-                       help="time-limit requeues before the job gives up (default 3; preemptions are not counted by submitit)")
-    slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="one run per value (per combination when repeated), submitted as one job array; "
-                            "each run gets a folder inside --run-dir")
-    slurm.add_argument("--array-parallelism", type=int, default=256, help="sweep runs running at once (default 256)")
+    if training:
+        slurm.add_argument("--signal-delay", type=int, default=90, metavar="SECONDS",
+                           help="SIGUSR2 this long before the time limit: the ranks checkpoint and the job requeues "
+                                "(default 90)")
+        slurm.add_argument("--max-requeues", type=int, default=3,
+                           help="time-limit requeues before the job gives up (default 3; preemptions are not "
+                                "counted by submitit)")
+        slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                           help="one run per value (per combination when repeated), submitted as one job array; "
+                                "each run gets a folder inside --run-dir")
+        slurm.add_argument("--array-parallelism", type=int, default=256,
+                           help="sweep runs running at once (default 256)")
+    else:  # a measurement: no checkpoint to stop for, nothing to requeue, one job
+        parser.set_defaults(signal_delay=90, max_requeues=0, sweep=[], array_parallelism=1)
     slurm.add_argument("--assume-shared", action="store_true",
                        help="multi-node jobs: skip the check that the run folder and shards are on a network "
                             "filesystem (for nodes that all mount the same local disk, e.g. one host)")

@@ -7,16 +7,19 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import submitit
 
 from pipeline import config
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import load_index, load_manifest
 from pipeline.dsconfig import BATCH_KEYS, ds_config_path, load_ds_config
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
-from pipeline.train import model
+from pipeline.train import metrics, model
 
 DEMO_IMAGES = Path("data/fashion-mnist")
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
@@ -55,11 +58,21 @@ def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
     return run
 
 
+def never_trained(run_dir: Path) -> bool:
+    """A run folder whose job never took a step (it failed before, or never started): no checkpoint and no
+    progress record, so a corrected command may replace its config."""
+    return not (run_dir / "checkpoints" / "latest").is_file() and \
+        not any(r["_type"] == "train_iter" for r in metrics.read(run_dir / "metrics.jsonl"))
+
+
 def check_resume(run: Run, saved: config.Config) -> None:
     """A run folder may be resumed with the same config, or on another cluster shape with the same global
     batch under indexed access, and with the same DeepSpeed JSON but for its batch keys; anything else
-    that would change the optimisation is refused, naming the keys."""
+    that would change the optimisation is refused, naming the keys. A folder that never trained takes any
+    config."""
     path = run.run_dir / "config.json"
+    if never_trained(run.run_dir):
+        return  # nothing to lose: prepare_run_dir writes the new config over it
     changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESHAPE_KEYS)
     if changed:
         raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "
@@ -77,10 +90,15 @@ def check_resume(run: Run, saved: config.Config) -> None:
                          "it to resume, or pass a new --run-dir")
 
 
+def makes_demo_data(cfg: config.Config, preset: str) -> bool:
+    """Whether the run reads the demo's own shard folder, which the demo makes itself."""
+    return preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve())
+
+
 def make_demo_data(cfg: config.Config, preset: str) -> None:
     """The demo makes its own data (Fashion-MNIST as JPEGs, then shards) when it reads the demo's shard
     folder; any other shards must exist already. A rerun reuses what is there."""
-    if preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve()):
+    if makes_demo_data(cfg, preset):
         demo.write_image_tree(DEMO_IMAGES)
         convert(DEMO_IMAGES, Path(cfg.data.shards))
 
@@ -95,6 +113,8 @@ def check_shards(cfg: config.Config) -> None:
         if len(manifest.classes) != cfg.model.num_classes:
             raise ValueError(f"{manifest.path}: {len(manifest.classes)} classes but model.num_classes="
                              f"{cfg.model.num_classes}; pass model.num_classes={len(manifest.classes)}")
+        if split == "train" and config.loader_mode(cfg.data) == "indexed":
+            load_index(manifest)
         if cfg.data.shard_url:  # read from elsewhere (object store, pipe:); the first read tells
             continue
         missing = [url for url in manifest.urls() if not Path(url).is_file()]
@@ -133,28 +153,69 @@ def check_paths(cfg: config.Config, run_dir: Path, assume_shared: bool) -> None:
 
 
 def prepare_run_dir(run: Run) -> str | None:
-    """Create the run folder with config.json and ds_config.json; for a run resumed on another cluster shape
-    (resolve_run checked it), write them anew and return a line that says so."""
+    """Create the run folder with config.json and ds_config.json; for a run resumed on another cluster shape,
+    or a folder that never trained (resolve_run checked which), write them anew and return a line that says
+    so."""
     run_dir, cfg = run.run_dir, run.cfg
     note = None
     if (run_dir / "config.json").is_file():
         saved, saved_plan = config.load_run_config(run_dir)
-        if not config.differences(config.to_dict(saved), config.to_dict(cfg)):
+        changed = config.differences(config.to_dict(saved), config.to_dict(cfg))
+        old_ds = json.loads((run_dir / "ds_config.json").read_text())
+        if not changed and old_ds == run.ds_config:
             return None
-        note = (f"resuming on {run.plan.world_size} ranks with train.grad_accum={cfg.train.grad_accum} (it ran on "
-                f"{saved_plan.world_size} with {saved.train.grad_accum}): the same global batch "
-                f"{run.plan.global_batch}, the same micro-batches in the same steps")
+        if never_trained(run_dir):
+            note = (f"replacing the config of {run_dir}, whose job never took a step ("
+                    f"{'; '.join(changed) or 'its DeepSpeed JSON'})")
+        else:
+            note = (f"resuming on {run.plan.world_size} ranks with train.grad_accum={cfg.train.grad_accum} (it ran on "
+                    f"{saved_plan.world_size} with {saved.train.grad_accum}): the same global batch "
+                    f"{run.plan.global_batch}, the same micro-batches in the same steps")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save_run_config(run_dir, cfg, run.plan)
     (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
     return note
 
 
+def choose_cluster(requested: str) -> str:
+    """--cluster auto: Slurm when srun is on PATH and a controller answers `scontrol ping`, else this machine
+    (said on stderr when srun is there but Slurm does not answer). submitit's own auto choice looks at srun
+    only, and a Slurm that is down then fails with sbatch's traceback after the data was prepared."""
+    if requested != "auto":
+        return requested
+    if shutil.which("srun") is None:
+        return "local"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        answer = (ping.stdout + ping.stderr).strip()
+        up = ping.returncode == 0 and " is UP" in ping.stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        answer, up = str(err), False
+    if not up:
+        print(f"srun is on PATH but no Slurm controller answers (scontrol ping: {answer or 'no answer'}): running "
+              "on this machine; pass --cluster slurm to insist on Slurm", file=sys.stderr)
+    return "slurm" if up else "local"
+
+
+def submit_jobs(executor: submitit.Executor, jobs: list) -> list[submitit.Job]:
+    """executor.submit of every job (one job array when several); a refusal by sbatch becomes one error
+    with Slurm's own words and the way out."""
+    try:
+        if len(jobs) == 1:
+            return [executor.submit(jobs[0])]
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+        return submitted
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
+        words = " ".join(str(err).split())
+        raise ValueError(f"Slurm refused the job: {words}; fix what it says, or run on this machine with "
+                         "--cluster local") from None
+
+
 def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, name: str,
                   options: dict) -> submitit.Executor:
-    """submitit executor with one task per GPU (per process on CPU)."""
-    cluster = None if args.cluster == "auto" else args.cluster
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=args.max_requeues)
+    """submitit executor with one task per GPU (per process on CPU); args.cluster is a chosen one."""
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if executor.cluster == "debug" and world != 1:
         raise ValueError(f"--cluster debug runs one rank in this process, but the plan has world_size={world}; "

@@ -18,15 +18,8 @@ from pipeline.dsconfig import bucket_elements
 from pipeline.launch import sbatch, status
 from pipeline.launch.jobs import TrainJob
 from pipeline.launch.options import sweep_overrides
-from pipeline.launch.prepare import (
-    Run,
-    check_paths,
-    check_shards,
-    make_demo_data,
-    make_executor,
-    prepare_run_dir,
-    resolve_run,
-)
+from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
+                                     makes_demo_data, prepare_run_dir, resolve_run, submit_jobs)
 from pipeline.scaling import model as scaling
 from pipeline.train import metrics, model, report
 
@@ -44,18 +37,32 @@ def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
 
 
 def dry_run(args: argparse.Namespace, run_dir: Path, runs: list[Run], sweep: bool) -> int:
-    """Print the plan of every run (as JSON with --json) and its predicted speed; write nothing."""
+    """Print the plan of every run (as JSON with --json), its predicted speed and the verdict of the shard
+    checks a submission would make; write nothing."""
     hardware = scaling.load_hardware(args.hardware)
+    shards = {run.run_dir: shard_verdict(run, args.preset) for run in runs}
     if args.json:
         plans = [{"run_dir": str(r.run_dir), "config": config.to_dict(r.cfg), "plan": dataclasses.asdict(r.plan),
-                  "ds_config": r.ds_config} for r in runs]
+                  "ds_config": r.ds_config, "shards": shards[r.run_dir]} for r in runs]
         print(json.dumps(plans if sweep else plans[0], indent=2))
         return 0
     print_plans(runs, sweep)
     for run in runs:
         print(prediction(hardware, run))
+        print(f"shards: {shards[run.run_dir]}")
     print(f"run folder {run_dir} (dry run: nothing written, nothing submitted)")
     return 0
+
+
+def shard_verdict(run: Run, preset: str) -> str:
+    """"ready", or what a submission would refuse about the run's shards (the demo makes its own)."""
+    if makes_demo_data(run.cfg, preset) and not Path(run.cfg.data.shards).exists():
+        return "made by the demo when it runs"
+    try:
+        check_shards(run.cfg)
+    except (ValueError, FileNotFoundError) as err:
+        return f"NOT READY: {err}"
+    return "ready"
 
 
 def print_plans(runs: list[Run], sweep: bool) -> None:
@@ -91,7 +98,7 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
     if note:
         print(note, flush=True)
     earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
-    job = executor.submit(TrainJob(run_dir))
+    (job,) = submit_jobs(executor, [TrainJob(run_dir)])
     status.record_submission(run_dir, job.job_id, executor.cluster)
     print(f"submitted job {job.job_id} ({executor.cluster}); run folder {run_dir}; rank logs in {run_dir / 'submitit'}",
           flush=True)
@@ -113,8 +120,7 @@ def submit_sweep(args: argparse.Namespace, runs: list[Run], run_dir: Path, optio
     executor = make_executor(args, runs[0].cfg, run_dir / "submitit", run_dir.name, options)
     for run in runs:
         prepare_run_dir(run)
-    with executor.batch():
-        jobs = [executor.submit(TrainJob(run.run_dir)) for run in runs]
+    jobs = submit_jobs(executor, [TrainJob(run.run_dir) for run in runs])
     listing = [{"folder": run.run_dir.name, "job_id": job.job_id} for run, job in zip(runs, jobs)]
     (run_dir / status.SWEEP).write_text(json.dumps({"runs": listing}, indent=2) + "\n")
     for run, job in zip(runs, jobs):

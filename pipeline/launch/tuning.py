@@ -15,15 +15,13 @@ import submitit
 
 from pipeline.launch import options
 from pipeline.launch.jobs import TuneJob
-from pipeline.launch.prepare import check_paths, make_executor, prepare_run_dir, resolve_run
+from pipeline.launch.prepare import check_paths, choose_cluster, make_executor, prepare_run_dir, resolve_run, submit_jobs
 
 DEFAULT_SIZES = "1000000,2000000,6553600,13107200,26214400,100000000"
 
 
 def launch(args: argparse.Namespace) -> int:
     """Check everything, then submit the tuning job; on this machine (or with --wait) print its table."""
-    if args.sweep:
-        raise ValueError("--sweep does not apply to tune_buckets: every candidate already runs in the one job")
     try:
         values = [float(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -48,12 +46,13 @@ def launch(args: argparse.Namespace) -> int:
     check_paths(cfg, run_dir, args.assume_shared)
     if (run_dir / "config.json").exists():
         raise ValueError(f"{run_dir} already holds a run; pass a new --run-dir")
+    args.cluster = choose_cluster(args.cluster)
     executor = make_executor(args, cfg, run_dir / "submitit", f"tune-{run_dir.name}", sbatch_options)
     prepare_run_dir(run)
     print(run.plan.summary(cfg))
     print(f"candidates: overlap off, buckets of {', '.join(f'{s:,}' for s in sizes)} elements; "
           f"{args.steps} steps x {args.rounds} rounds each", flush=True)
-    job = executor.submit(TuneJob(run_dir, sizes, args.steps, args.rounds, write))
+    (job,) = submit_jobs(executor, [TuneJob(run_dir, sizes, args.steps, args.rounds, write)])
     print(f"submitted job {job.job_id} ({executor.cluster}); results in {run_dir}", flush=True)
     if executor.cluster == "slurm" and not args.wait:
         print(f"when it ends, its table is in {shlex.quote(str(run_dir / 'submitit'))}/{job.job_id}_0_log.out")

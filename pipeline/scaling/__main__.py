@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
             nodes = [int(n) for n in args.nodes.split(",")]
         except ValueError:
             raise ValueError(f"--nodes {args.nodes!r}: give node counts, e.g. 1,2,4") from None
-        gpus_per_node = args.gpus_per_node or hw.gpus_per_node
-        micro_batch = args.micro_batch or hw.micro_batch
+        gpus_per_node = hw.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+        micro_batch = hw.micro_batch if args.micro_batch is None else args.micro_batch
         for flag, value in (("--nodes", min(nodes)), ("--gpus-per-node", gpus_per_node),
                             ("--micro-batch", micro_batch), ("--grad-elements", args.grad_elements)):
             if value < 1:

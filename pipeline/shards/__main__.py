@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--seed", type=int, default=0, help="seed of the train file order (default 0)")
     conv.add_argument("--force", action="store_true",
                       help="rewrite everything, even finished shards or shards of another conversion")
+    conv.add_argument("--recheck", action="store_true",
+                      help="read every finished shard again and rewrite those whose sha256 changed (what verify "
+                           "suggests for damaged shards)")
     conv.add_argument("--val-labels", type=Path,
                       help="labels of a flat val/ folder: the devkit's LOC_val_solution.csv or `file class` lines")
     conv.add_argument("--max-side", type=int,
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             convert(args.src, args.out, args.shard_samples, args.seed, args.force, args.workers,
-                    (args.task_index, args.num_tasks), args.val_labels, args.max_side)
+                    (args.task_index, args.num_tasks), args.val_labels, args.max_side, args.recheck)
         elif args.command == "index":
             index(args.dir)
         else:

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import multiprocessing.pool
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,9 +56,11 @@ def _record_path(out: Path, name: str) -> Path:
     return out / PARTS / f"{name}.json"
 
 
-def finished_record(out: Path, name: str, items: list[tuple[str, int]], settings: dict) -> dict | None:
+def finished_record(out: Path, name: str, items: list[tuple[str, int]], settings: dict,
+                    recheck: bool = False) -> dict | None:
     """The record of a shard already written from exactly these files with these settings, and still the
-    same size on disk; else None (missing, partial, stale)."""
+    same size on disk (with recheck, the same sha256: every byte read again); else None (missing, partial,
+    stale, damaged)."""
     try:
         record = json.loads(_record_path(out, name).read_text())
         size = (out / name).stat().st_size
@@ -65,6 +68,8 @@ def finished_record(out: Path, name: str, items: list[tuple[str, int]], settings
         return None
     if record.get("items_sha256") != _items_digest(items) or record.get("settings") != settings \
             or record.get("bytes") != size:
+        return None
+    if recheck and file_sha256(out / name) != record["entry"]["sha256"]:
         return None
     return record
 
@@ -114,6 +119,22 @@ def _write_shard_job(job: tuple[Path, Path, str, list, dict]) -> tuple[str, int]
     return name, len(items)
 
 
+def repair_command(out: Path) -> str:
+    """The convert command that rewrites exactly the damaged or missing shards of out: the same source and
+    settings (from DIR/.parts/conversion.json), with --recheck."""
+    try:
+        settings = json.loads((out / PARTS / "conversion.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "python -m pipeline.shards convert --src SRC --out " + shlex.quote(str(out)) + " --recheck (with the " \
+               "flags of the first conversion)"
+    words = ["python -m pipeline.shards convert", "--src", settings["source"], "--out", str(out)]
+    for flag, key, default in (("--shard-samples", "shard_samples", DEFAULT_SHARD_SAMPLES), ("--seed", "seed", 0),
+                               ("--val-labels", "val_labels", None), ("--max-side", "max_side", None)):
+        if settings.get(key, default) != default:
+            words += [flag, str(settings[key])]
+    return " ".join([words[0], *map(shlex.quote, words[1:]), "--recheck"])
+
+
 def _check_same_source(out: Path, settings: dict, force: bool) -> None:
     """Refuse to mix shards of different sources or settings in one folder; with force, forget the old
     conversion (records and manifests) before anything new is written."""
@@ -139,7 +160,7 @@ def _check_same_source(out: Path, settings: dict, force: bool) -> None:
 
 def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]], classes: list[str],
                   settings: dict, pool: multiprocessing.pool.Pool | None = None,
-                  task: tuple[int, int] = (0, 1)) -> dict | None:
+                  task: tuple[int, int] = (0, 1), recheck: bool = False) -> dict | None:
     """Convert one split: write the shards not already finished (in `pool` when given), then the manifest.
 
     With task=(i, n), write only the i-th of n contiguous ranges of shards and no manifest (a Slurm array
@@ -153,7 +174,7 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
     index, tasks = task
     mine = plan[index * len(plan) // tasks: (index + 1) * len(plan) // tasks]
     todo = [(src, out, name, part, settings) for name, part in mine
-            if finished_record(out, name, part, settings) is None]
+            if finished_record(out, name, part, settings, recheck) is None]
     started = time.time()
     done = sum(len(part) for name, part in mine) - sum(len(job[3]) for job in todo)
     with tqdm(total=sum(len(part) for _, part in mine), initial=done, desc=f"{split} shards", unit="img",
@@ -194,12 +215,14 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
 
 def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, seed: int = 0, force: bool = False,
             workers: int = 1, task: tuple[int, int] = (0, 1), val_labels: Path | None = None,
-            max_side: int | None = None) -> None:
+            max_side: int | None = None, recheck: bool = False) -> None:
     """Convert both splits of src into out, resuming where an earlier run of the same conversion stopped.
 
     Mode "copy" keeps RGB JPEG bytes as they are; with max_side, every image whose longer side exceeds it
     is re-encoded smaller (smaller shards that decode faster). Every run checks each shard's record
-    against the current file list and settings, so files added to the source since are converted too.
+    against the current file list and settings, so files added to the source since are converted too;
+    with recheck, also every finished shard's sha256, so that damaged shards (`verify` names them) are
+    written again, and only those.
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"--max-side={max_side} must be at least 1 px")
@@ -212,12 +235,21 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
     if force and task[1] > 1:
         raise ValueError("--force with --num-tasks would let each task delete the others' shards; run one "
                          "plain convert --force, or start from an empty --out")
+    source, target = src.resolve(), out.resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise ValueError(f"--out {out} and --src {src} overlap: shards inside the source tree would be read as a "
+                         "class folder by the next conversion (every label shifts), and a source inside the "
+                         "output would be overwritten; put --out outside --src")
     classes = list_classes(src)
     listed = {split: list_split(src, split, classes, val_labels) for split in SPLITS}  # every input error first
     for split, items in listed.items():
-        keys = [sample_key(p) for p, _ in items]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"{src / split}: two files map to the same sample key; rename one of them")
+        owner: dict[str, str] = {}
+        for path, _ in items:
+            other = owner.setdefault(sample_key(path), path)
+            if other != path:
+                raise ValueError(f"{src / other} and {src / path} map to the same sample key {sample_key(path)!r} "
+                                 "(names differ only in characters other than letters, digits, - and _); "
+                                 "rename one of them")
     out.mkdir(parents=True, exist_ok=True)
     settings = {"version": VERSION, "source": str(src.resolve()), "shard_samples": shard_samples,
                 "seed": seed, "val_labels": str(val_labels.resolve()) if val_labels else None, "max_side": max_side}
@@ -226,6 +258,6 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     with pool or contextlib.nullcontext():
         for split in SPLITS:
-            convert_split(src, out, split, listed[split], classes, settings, pool, task)
+            convert_split(src, out, split, listed[split], classes, settings, pool, task, recheck)
 
 

@@ -113,7 +113,10 @@ def rgb_jpeg(data: bytes, max_side: int | None = None) -> bytes:
             image.load()
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except Exception as err:  # PIL raises many types on odd files (struct.error, IndexError on bad EXIF...)
-        raise BadImage(f"not a decodable image: {type(err).__name__}: {err}") from None
+        # PIL names the in-memory file it read by its address (<_io.BytesIO object at 0x7f...>): drop it, so
+        # that converting the same tree twice writes the same manifest
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
+        raise BadImage(f"not a decodable image: {type(err).__name__}: {reason}") from None
     if too_big:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
     out = io.BytesIO()

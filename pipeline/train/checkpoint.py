@@ -69,6 +69,12 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     return tag
 
 
+def latest_tag(run_dir: Path) -> str | None:
+    """The newest complete checkpoint's tag, or None before the first."""
+    latest = directory(run_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
 def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
     """Load the newest complete checkpoint into the engine: (its tag, its position, the number of ranks that
     wrote it), or None without one.
@@ -82,9 +88,9 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
     depends on those (each micro-batch seeds its own crops and flips).
     """
     ckpt = directory(run_dir)
-    if not (ckpt / "latest").is_file():
+    tag = latest_tag(run_dir)
+    if tag is None:
         return None
-    tag = (ckpt / "latest").read_text().strip()
     path, client = engine.load_checkpoint(str(ckpt), tag=tag)
     if path is None:
         raise RuntimeError(f"{ckpt / 'latest'} names {tag!r}, which DeepSpeed could not load; "

@@ -23,6 +23,7 @@ from pipeline.data.workers import loader
 from pipeline.train import checkpoint, metrics, model, preempt, report
 from pipeline.train.distributed import average_bn_statistics, init_distributed, is_primary
 from pipeline.train.engine import build_engine
+from pipeline.train.schedule import lr_at
 
 
 def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -43,18 +44,26 @@ def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: t
     torch.optim.swa_utils.update_bn(inputs, net)
 
 
+def hit_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, images] of a batch, float64 on the logits' device, without a host sync.
+
+    Every operand is made on that device (new_full launches a fill there, it copies nothing from the host):
+    torch.tensor(len(labels)) would be on the CPU, and torch.stack refuses to mix devices, which killed every
+    GPU run at the end of its first epoch."""
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = topk == labels[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_full((), labels.shape[0])]).double()
+
+
 @torch.no_grad()
 def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.device) -> dict:
     """Top-1/top-5 error on the whole validation split, each image counted once across ranks."""
     engine.eval()
     average_bn_statistics(engine.module)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
-    k = min(5, cfg.model.num_classes)
     for batch in batches:
         labels = batch.labels.to(device, non_blocking=True)
-        topk = engine(model_input(batch.images, cfg, device)).topk(k, dim=1).indices
-        hits = topk == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).to(counts)
+        counts += hit_counts(engine(model_input(batch.images, cfg, device)), labels)
     dist.all_reduce(counts)  # all_reduce: per-rank counts -> global counts
     top1, top5, seen = counts.tolist()
     if int(seen) != num_samples:
@@ -66,8 +75,8 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
                 stop: preempt.StopRequest) -> tuple[int, bool]:
     """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
     optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
-    stop (a signal) before the epoch's end; the last step of an epoch never stops here, so that the
-    epoch's evaluation and checkpoint still happen."""
+    stop (a signal, or a loss that was not finite: stop.diverged_at) before the epoch's end; the last step
+    of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen."""
     engine.train()
     corrupt, stopped = 0, False
     last_step = (epoch + 1) * plan.steps_per_epoch
@@ -80,6 +89,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
         # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
         engine.backward(loss)
+        stop.note_loss(loss)  # on the device: read with the stop flags, one step late
         lr = engine.get_lr()[0]
         before = engine.global_steps
         engine.step()
@@ -93,7 +103,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
                       img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
             window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
-        if step < last_step and stop.poll(device):
+        if step < last_step and stop.poll(device, step):
             stopped = True
             break
     total = torch.tensor(corrupt, dtype=torch.int64, device=device)
@@ -103,6 +113,25 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
 
 class Stopped(RuntimeError):
     """A signal stopped the run; its checkpoint is complete but the job was not requeued."""
+
+
+class Diverged(RuntimeError):
+    """A loss was not finite: the run stopped, wrote no checkpoint of its diverged weights, and is not
+    requeued."""
+
+
+def end_after_divergence(engine, cfg: Config, plan: Plan, stop: preempt.StopRequest, run_dir: Path, log) -> None:
+    """Log the divergence and end every rank with Diverged, naming the step, its lr and the newest good
+    checkpoint."""
+    step = stop.diverged_at or engine.global_steps
+    lr = lr_at(step - 1, cfg.optim.base_lr, plan, cfg.schedule)
+    good = checkpoint.latest_tag(run_dir)
+    record = log.write("diverged", step=step, lr=lr, checkpoint=good)
+    if is_primary():
+        print(metrics.progress_line(record), flush=True)
+    raise Diverged(f"the loss was not finite (nan or inf) by step {step}, at lr {lr:g}: the run diverged and was "
+                   f"stopped; {f'checkpoint {good} is the newest good one' if good else 'it has no checkpoint'}. "
+                   "Lower optim.base_lr or lengthen schedule.warmup_epochs, and start a new run folder")
 
 
 def end_after_stop(engine, stop: preempt.StopRequest, tag: str, max_requeues: int, device, log) -> None:
@@ -180,6 +209,10 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         epoch_start = time.time()
         stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
         corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop)
+        if not stopped:
+            stop.settle(device, engine.global_steps)  # the epoch's last losses, before evaluating and saving
+        if stop.diverged_at is not None:
+            end_after_divergence(engine, cfg, plan, stop, run_dir, log)
         if stopped:
             tag = save_checkpoint(f"step-{engine.global_steps:07d}")
             end_after_stop(engine, stop, tag, max_requeues, device, log)

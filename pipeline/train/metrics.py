@@ -60,6 +60,9 @@ def progress_line(record: dict) -> str | None:
         return (f"stopped after step {record['step']} ({record['signal'] or 'signal on another rank'}): "
                 f"checkpoint {record['checkpoint']} complete; "
                 + ("job requeued, it resumes there" if record["requeued"] else record["message"]))
+    if kind == "diverged":
+        return (f"diverged: the loss was not finite by step {record['step']} (lr {record['lr']:.4g}); the run stopped "
+                f"without requeueing; newest good checkpoint: {record['checkpoint'] or 'none'}")
     if kind == "resume":
         before = record.get("ranks_before", record.get("ranks"))
         return (f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"

@@ -13,12 +13,15 @@ from pipeline.signals import STOP_SIGNALS
 
 
 class StopRequest:
-    """Records SIGUSR2/SIGTERM instead of dying of them; the ranks agree on a stop step with `poll`."""
+    """Records SIGUSR2/SIGTERM instead of dying of them, and whether every loss was finite; the ranks agree
+    on a stop step with `poll`."""
 
     def __init__(self):
         self.received: str | None = None  # name of the first signal caught on this rank
         self.previous: dict[int, object] = {}  # the handlers ours replaced (submitit's, in its jobs)
-        self._pending = None  # (work, flag) of the allreduce started by the last poll
+        self.diverged_at: int | None = None  # a step by which some rank's loss was not finite
+        self._finite = None  # on the device: every loss noted so far was finite
+        self._pending = None  # (work, flag, step) of the allreduce started by the last poll
 
     def install(self) -> StopRequest:
         """Catch the stop signals from now on. In a submitit job this replaces submitit's handler, which
@@ -33,30 +36,49 @@ class StopRequest:
             self.received = signal.Signals(signum).name
             os.write(2, f"caught {self.received}: stopping at the next step boundary to checkpoint\n".encode())
 
-    def poll(self, device) -> bool:
-        """Collective, at an optimizer-step boundary: True on every rank when any rank had caught a signal
-        by the previous poll. The allreduce started here is read by the next poll, so no rank waits on the
-        network now; stopping happens one step later than the signal would allow, on all ranks alike."""
+    def note_loss(self, loss) -> None:
+        """Remember, on the device and without a host sync, whether this loss was finite too."""
+        import torch
+
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def poll(self, device, step: int | None = None) -> bool:
+        """Collective, at an optimizer-step boundary: True on every rank when any rank had caught a signal,
+        or seen a loss that was not finite (then diverged_at is set), by the previous poll. The allreduce
+        started here is read by the next poll, so no rank waits on the network now; stopping happens one
+        step later than the signal would allow, on all ranks alike."""
         import torch
         import torch.distributed as dist
 
         stop = False
         if self._pending is not None:
-            work, flag = self._pending
+            work, flag, sent = self._pending
             work.wait()
-            stop = bool(flag.item())
-        flag = torch.tensor([self.received is not None], dtype=torch.int32, device=device)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)  # any rank's signal
+            signalled, diverged = flag.tolist()  # the host read of the previous step's flag: it is done
+            if diverged and self.diverged_at is None:
+                self.diverged_at = sent
+            stop = bool(signalled or diverged)
+        # Filled on the device (no copy from the host): [a signal here, a loss that was not finite here]
+        flag = torch.zeros(2, dtype=torch.int32, device=device)
+        if self.received is not None:
+            flag[0] = 1
+        if self._finite is not None:
+            flag[1] = (~self._finite).to(torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag, step)  # any rank's
         return stop
 
-    def settle(self, device) -> bool:
+    def settle(self, device, step: int | None = None) -> bool:
         """Collective, where no step follows (the end of an epoch): True on every rank when any rank has
-        caught a signal, including since the last poll."""
-        stop = self.poll(device)
-        return self.poll(device) or stop
+        caught a signal or seen a loss that was not finite, including since the last poll."""
+        stop = self.poll(device, step)
+        return self.poll(device, step) or stop
 
     def requeue(self, max_requeues: int) -> tuple[bool, str]:
         """Requeue this Slurm job (rank 0 only, once the checkpoint is complete): (requeued, what happened)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if job is None:  # submitit's local executor installs its handler too, but there is nothing to requeue
+            return False, "not requeued: not a Slurm job"
         submitit_handler = self.previous.get(signal.SIGUSR2)
         if callable(submitit_handler):
             try:  # submitit: pickle the job again, `scontrol requeue`, count timeouts, then sys.exit(-1)
@@ -66,9 +88,6 @@ class StopRequest:
             except Exception as err:  # too many timeouts, or scontrol refused (a cancelled job)
                 return False, f"not requeued: {err}"
             return False, "not requeued: submitit's handler returned"
-        job = os.environ.get("SLURM_JOB_ID")
-        if job is None:
-            return False, "not requeued: not a Slurm job"
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         if restarts >= max_requeues:
             return False, f"not requeued: job {job} was requeued {restarts} times already (--max-requeues {max_requeues})"
