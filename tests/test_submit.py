@@ -17,7 +17,7 @@ from helpers import SMALL, pick_port, run_module, truncate_sample
 
 from pipeline import config
 from pipeline.shards import index
-from pipeline.train import loop, metrics, preempt, schedule
+from pipeline.train import checkpoint, distributed, engine, loop, metrics, model, preempt, schedule
 
 
 def submit(*args, cwd=None):
@@ -246,6 +246,40 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_and_ends_with_the_same_weight
         # same (halving is exact in binary floating point, and a sum of two is the same in either order).
         # With more ranks the summation order could differ in the last bit; here it cannot.
         assert torch.equal(got[name], want[name]), name
+
+
+def resume_one_rank(rank: int, port: int, run_dir, tag: str, out) -> None:
+    """One rank loading a checkpoint its 2 ranks wrote: what every rank of a smaller run starts from."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg, plan = config.load_run_config(run_dir)
+    distributed.init_distributed(cfg)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan,
+                                    json.loads((run_dir / "ds_config.json").read_text()))
+    (run_dir / "checkpoints" / "latest").write_text(tag)
+    assert checkpoint.resume(ds_engine, run_dir, config.to_dict(cfg))[2] == 2
+    torch.save({"buffers": dict(ds_engine.module.named_buffers()), "rng": torch.get_rng_state()}, out)
+
+
+def test_a_smaller_run_starts_from_the_mean_of_the_ranks_bn_statistics(shard_dir, tmp_path):
+    """After a resize, every rank takes the mean of the old ranks' BN running statistics and the RNG state of
+    old rank (rank mod old ranks); the weights come from DeepSpeed's one file."""
+    resized = tmp_path / "resized"
+    same = ["--cluster", "local", "--run-dir", str(resized), f"data.shards={shard_dir}", *SMALL]
+    assert submit(*same, "--emit-sbatch", str(tmp_path / "two.sbatch")).returncode == 0
+    mp.start_processes(stopped_rank, args=(pick_port(), resized, 3), nprocs=2, start_method="spawn")
+    prepared = submit(*same, "--gpus-per-node", "1", "--emit-sbatch", str(tmp_path / "one.sbatch"))
+    assert prepared.returncode == 0 and "resuming on 1 ranks with train.grad_accum=2" in prepared.stdout
+    tag = next(r["checkpoint"] for r in metrics.read(resized / "metrics.jsonl") if r["_type"] == "stop")
+    old = [torch.load(resized / "checkpoints" / tag / f"rank{r:05d}_state.pt", weights_only=False) for r in (0, 1)]
+    mp.start_processes(resume_one_rank, args=(pick_port(), resized, tag, tmp_path / "state.pt"), nprocs=1,
+                       start_method="spawn")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    means = [name for name in state["buffers"] if name.endswith("running_mean")]
+    assert means and not torch.equal(old[0]["buffers"][means[0]], old[1]["buffers"][means[0]])
+    for name, value in state["buffers"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (old[0]["buffers"][name] + old[1]["buffers"][name]) / 2)
+    assert torch.equal(state["rng"], old[0]["rng"]["torch"])
 
 
 def resnet_parameters(state: dict):

@@ -83,7 +83,9 @@ def emit_sbatch(args: argparse.Namespace, run: Run, options: dict) -> int:
     """Prepare the run folder and write slurm/train.sbatch for it to args.emit_sbatch, instead of submitting."""
     script = sbatch.render(run.cfg, run.run_dir, args.time, options, Path.cwd(), signal_delay=args.signal_delay,
                            max_requeues=args.max_requeues)
-    prepare_run_dir(run)
+    note = prepare_run_dir(run)
+    if note:
+        print(note, flush=True)
     (run.run_dir / "slurm").mkdir(exist_ok=True)
     args.emit_sbatch.write_text(script)
     print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
