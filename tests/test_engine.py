@@ -1,10 +1,15 @@
 import json
+import os
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from helpers import pick_port
+
 from pipeline import config, dsconfig
 from pipeline.data import streams
-from pipeline.train import engine, loop, model
+from pipeline.train import distributed, engine, loop, metrics, model, preempt
 
 
 def plan_of(cfg):
@@ -185,3 +190,34 @@ def test_hit_counts_counts_top1_top5_and_images():
     logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
     # row 0: top-1 hit; row 1: label 5 is 5th of its top 5; row 2: label 1 is outside its top 5
     assert loop.hit_counts(logits, torch.tensor([0, 5, 1])).tolist() == [1.0, 2.0, 3.0]
+
+
+def data_wait_rank(rank: int, port: int, out, pause: float) -> None:
+    """One rank training 6 steps of the demo's model on batches that take `pause` seconds each to arrive."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
+                                                         "train.log_every=3"])
+    plan = config.resolve(cfg)
+    device = distributed.init_distributed(cfg)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+
+    def batches():
+        for _ in range(6):
+            time.sleep(pause)
+            yield streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                                [], 0)
+    log = metrics.MetricsLog(out, enabled=True)
+    loop.train_epoch(ds_engine, cfg, plan, batches(), 0, device, log, preempt.StopRequest())
+
+
+def test_progress_records_carry_the_share_of_time_spent_waiting_for_data(tmp_path):
+    shares = {}
+    for pause in (0.0, 0.5):
+        out = tmp_path / f"{pause}.jsonl"
+        mp.start_processes(data_wait_rank, args=(pick_port(), out, pause), nprocs=1, start_method="spawn")
+        records = metrics.read(out)
+        assert [r["step"] for r in records] == [3, 6]
+        shares[pause] = [r["data_wait"] for r in records]
+        assert "waiting for data" in metrics.progress_line(records[0])
+    # 0.5 s per batch against a few ms of compute: nearly all of it; batches at once: nearly none
+    assert min(shares[0.5]) > 0.8 and max(shares[0.0]) < 0.5

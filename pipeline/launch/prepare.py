@@ -47,8 +47,9 @@ def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
     cfg = config.apply_overrides(cfg, overrides)
     # The ranks may start elsewhere: make the shard folder absolute once, here.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
-    saved = config.load_run_config(run_dir)[0] if (run_dir / "config.json").is_file() else None
-    if saved is not None:
+    saved = None
+    if (run_dir / "config.json").is_file() and not never_trained(run_dir):  # a run to resume, not to replace
+        saved = config.load_run_config(run_dir)[0]
         cfg = config.keep_global_batch(saved, cfg, any(o.startswith("train.grad_accum=") for o in overrides))
     plan = config.resolve(cfg)
     model.check_arch(cfg.model.arch)
@@ -68,11 +69,9 @@ def never_trained(run_dir: Path) -> bool:
 def check_resume(run: Run, saved: config.Config) -> None:
     """A run folder may be resumed with the same config, or on another cluster shape with the same global
     batch under indexed access, and with the same DeepSpeed JSON but for its batch keys; anything else
-    that would change the optimisation is refused, naming the keys. A folder that never trained takes any
-    config."""
+    that would change the optimisation is refused, naming the keys. (A folder that never trained is not
+    checked: it takes the corrected command's config.)"""
     path = run.run_dir / "config.json"
-    if never_trained(run.run_dir):
-        return  # nothing to lose: prepare_run_dir writes the new config over it
     changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESHAPE_KEYS)
     if changed:
         raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "

@@ -81,7 +81,14 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
     corrupt, stopped = 0, False
     last_step = (epoch + 1) * plan.steps_per_epoch
     window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
-    for batch in batches:
+    waited = 0.0  # seconds of the window this rank spent waiting for its next batch
+    batches = iter(batches)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
         corrupt += batch.corrupt
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
@@ -100,9 +107,12 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             continue
         if step % cfg.train.log_every == 0 or step == plan.total_steps:
             elapsed = time.time() - window_start
+            # data_wait: this rank's share of the window's wall time spent in the loader (rank 0's; a slow
+            # loader shows on every rank alike, since every step waits for the slowest)
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
-                      img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps)
-            window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+                      img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps,
+                      data_wait=min(1.0, waited / elapsed))
+            window_loss, window_n, window_start, waited = torch.zeros((), device=device), 0, time.time(), 0.0
         if step < last_step and stop.poll(device, step):
             stopped = True
             break

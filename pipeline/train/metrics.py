@@ -49,7 +49,8 @@ def progress_line(record: dict) -> str | None:
     kind = record.get("_type")
     if kind == "train_iter":
         return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch'] + 1} "
-                f"lr {record['lr']:.4g} loss {record['loss']:.4f} {record['img_s']:.0f} img/s")
+                f"lr {record['lr']:.4g} loss {record['loss']:.4f} {record['img_s']:.0f} img/s"
+                + (f", {record['data_wait']:.0%} waiting for data" if "data_wait" in record else ""))
     if kind == "eval":
         corrupt = record.get("train_corrupt", 0)
         return (f"epoch {record['epoch'] + 1}/{record['epochs']} done: top1_err {record['top1_err']:.2f}% "
