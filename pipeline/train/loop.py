@@ -107,8 +107,8 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             continue
         if step % cfg.train.log_every == 0 or step == plan.total_steps:
             elapsed = time.time() - window_start
-            # data_wait: this rank's share of the window's wall time spent in the loader (rank 0's; a slow
-            # loader shows on every rank alike, since every step waits for the slowest)
+            # data_wait: rank 0's share of the window's wall time spent waiting for its loader (a slower loader
+            # on another rank shows here as slower steps, spent in the allreduce, not as waiting)
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
                       img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps,
                       data_wait=min(1.0, waited / elapsed))
