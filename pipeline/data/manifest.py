@@ -109,12 +109,17 @@ def write_manifest(shards_dir: Path, split: str, *, source: str, classes: list[s
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name of its own and rename it: readers (and concurrent array tasks)
-    see the old file or the whole new one."""
+    """Write JSON atomically (see _replace)."""
+    _replace(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def _replace(path: Path, write) -> None:
+    """write(binary file) under a temporary name of its own, then rename it to path: readers (and
+    concurrent array tasks) see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.fchmod(fd, _readable_mode())  # mkstemp makes 0600: other users of a shared dataset must read it
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
+    with os.fdopen(fd, "wb") as f:
+        write(f)
     os.replace(tmp, path)
 
 
@@ -142,11 +147,7 @@ def index_path(shards_dir: str | os.PathLike, split: str) -> Path:
 def write_index(shards_dir: Path, split: str, rows: np.ndarray) -> Path:
     """Write the sample index of a split atomically (rows of INDEX_DTYPE, in manifest order)."""
     path = index_path(shards_dir, split)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.fchmod(fd, _readable_mode())
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, rows.astype(INDEX_DTYPE, copy=False))
-    os.replace(tmp, path)
+    _replace(path, lambda f: np.save(f, rows.astype(INDEX_DTYPE, copy=False)))
     return path
 
 
