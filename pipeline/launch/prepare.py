@@ -151,9 +151,9 @@ def check_paths(cfg: config.Config, run_dir: Path, assume_shared: bool) -> None:
                              "pass --assume-shared if every node mounts it")
 
 
-def prepare_run_dir(run: Run) -> str | None:
+def prepare_run_dir(run: Run) -> None:
     """Create the run folder with config.json and ds_config.json; for a run resumed on another cluster shape,
-    or a folder that never trained (resolve_run checked which), write them anew and return a line that says
+    or a folder that never trained (resolve_run checked which), write them anew and print a line that says
     so."""
     run_dir, cfg = run.run_dir, run.cfg
     note = None
@@ -162,7 +162,7 @@ def prepare_run_dir(run: Run) -> str | None:
         changed = config.differences(config.to_dict(saved), config.to_dict(cfg))
         old_ds = json.loads((run_dir / "ds_config.json").read_text())
         if not changed and old_ds == run.ds_config:
-            return None
+            return
         if never_trained(run_dir):
             note = (f"replacing the config of {run_dir}, whose job never took a step ("
                     f"{'; '.join(changed) or 'its DeepSpeed JSON'})")
@@ -173,7 +173,8 @@ def prepare_run_dir(run: Run) -> str | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save_run_config(run_dir, cfg, run.plan)
     (run_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2) + "\n")
-    return note
+    if note:
+        print(note, flush=True)
 
 
 def choose_cluster(requested: str) -> str:

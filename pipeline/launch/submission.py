@@ -83,9 +83,7 @@ def emit_sbatch(args: argparse.Namespace, run: Run, options: dict) -> int:
     """Prepare the run folder and write slurm/train.sbatch for it to args.emit_sbatch, instead of submitting."""
     script = sbatch.render(run.cfg, run.run_dir, args.time, options, Path.cwd(), signal_delay=args.signal_delay,
                            max_requeues=args.max_requeues)
-    note = prepare_run_dir(run)
-    if note:
-        print(note, flush=True)
+    prepare_run_dir(run)
     (run.run_dir / "slurm").mkdir(exist_ok=True)
     args.emit_sbatch.write_text(script)
     print(f"wrote {args.emit_sbatch}; submit it with: sbatch {shlex.quote(str(args.emit_sbatch))}")
@@ -96,9 +94,7 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
     """Submit one run; on this machine (or with --wait) follow it and print its report."""
     run_dir = run.run_dir
     executor = make_executor(args, run.cfg, run_dir / "submitit", run_dir.name, options)
-    note = prepare_run_dir(run)
-    if note:
-        print(note, flush=True)
+    prepare_run_dir(run)
     earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
     (job,) = submit_jobs(executor, [TrainJob(run_dir)])
     status.record_submission(run_dir, job.job_id, executor.cluster)
