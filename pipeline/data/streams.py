@@ -78,6 +78,14 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
                  [s["__key__"] for _, s in decoded], corrupt)
 
 
+def train_batch(samples: list[dict], cfg: DataConfig, seed: list[int]) -> Batch:
+    """A training batch whose crops and flips draw from a generator seeded by `seed` alone; the caller's
+    generator is left as it was (with workers=0 the loader runs inside the training process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        return make_batch(samples, lambda jpeg: decode_train(jpeg, cfg), warn_corrupt)
+
+
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -142,15 +150,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         # The DataLoader asks worker 0 first on every pass; step start_step belongs to worker
         # start_step % W, so a resumed pass rotates which part each worker process makes.
         part = (worker + start_step) % num_workers
-        decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
         for step, samples in self.sample_batches(part, num_workers):
-            # The crops and flips of a step draw from a seed of their own; the caller's generator is left as
-            # it was (with workers=0 the loader runs inside the training process).
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(
-                    int(np.random.SeedSequence([self.seed, epoch, self.rank, step]).generate_state(1)[0]))
-                batch = make_batch(samples, decode, warn_corrupt)
-            yield batch
+            yield train_batch(samples, self.cfg, [self.seed, epoch, self.rank, step])
 
 
 class IndexedTrainStream(torch.utils.data.IterableDataset):
@@ -198,16 +199,10 @@ class IndexedTrainStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.position[0]
-        decode = lambda jpeg: decode_train(jpeg, self.cfg)  # noqa: E731
         for m, samples in self.sample_batches(*_worker()):
-            # Crops and flips of a micro-batch draw from a seed of its own, the same on any cluster shape;
-            # the caller's generator is left as it was (with workers=0 the loader runs in the training process).
-            micro_batch = micro_batch_index(m, self.rank, self.world_size, self.grad_accum)
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(
-                    int(np.random.SeedSequence([self.seed, epoch, micro_batch]).generate_state(1)[0]))
-                batch = make_batch(samples, decode, warn_corrupt)
-            yield batch
+            # seeded by the micro-batch's place in the epoch, the same on any cluster shape
+            yield train_batch(samples, self.cfg, [self.seed, epoch,
+                                                  micro_batch_index(m, self.rank, self.world_size, self.grad_accum)])
 
 
 def train_stream(manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int, rank: int,
