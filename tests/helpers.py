@@ -63,3 +63,8 @@ def truncate_sample(shard: Path, index: int, keep: int) -> str:
             jpg = sample["jpg"][:keep] if i == index else sample["jpg"]
             sink.write({"__key__": sample["__key__"], "jpg": jpg, "cls": sample["cls"]})
     return samples[index]["__key__"]
+
+
+def weight_names(state: dict) -> list[str]:
+    """The trained parameters of a saved module's state: BN running statistics are per-rank estimates."""
+    return [k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

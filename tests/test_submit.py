@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, pick_port, run_module, truncate_sample
+from helpers import SMALL, pick_port, run_module, truncate_sample, weight_names
 
 from pipeline import config
 from pipeline.shards import index
@@ -239,7 +239,7 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_and_ends_with_the_same_weight
     assert steps == list(range(1, 31))  # every step once
     got, want = (torch.load(d / "checkpoints" / "epoch-002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
                  for d in (run_dir, reference))
-    params = [name for name, _ in resnet_parameters(got)]
+    params = weight_names(got)
     assert len(params) > 20
     for name in params:
         # Bit for bit: with two micro-batches, one rank's (g1/2 + g2/2) and two ranks' (g1 + g2)/2 round the
@@ -280,11 +280,6 @@ def test_a_smaller_run_starts_from_the_mean_of_the_ranks_bn_statistics(shard_dir
         if value.is_floating_point():
             torch.testing.assert_close(value, (old[0]["buffers"][name] + old[1]["buffers"][name]) / 2)
     assert torch.equal(state["rng"], old[0]["rng"]["torch"])
-
-
-def resnet_parameters(state: dict):
-    """The trained parameters of a saved module: BN running statistics are per-rank estimates, not weights."""
-    return [(k, v) for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
 def test_streaming_access_refuses_to_resume_on_another_shape(shard_dir, tmp_path):
