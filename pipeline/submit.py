@@ -18,6 +18,7 @@ job requeues itself and resumes from it. The same command with the same --run-di
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"on this hardware: a preset ({', '.join(PRESETS)}, the paper's cluster) or "
                              "the hardware.json python -m pipeline.tune_buckets measured on yours")
     parser.add_argument("--wait", action="store_true", help="on Slurm, follow the job until it ends (local runs always do)")
-    parser.add_argument("--report", type=Path, metavar="RUN_DIR", help="print and rewrite the report of a run, submit nothing")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="print and rewrite the report of a run, submit nothing; of several runs, also draw "
+                             "their curves in one picture, overlay.png in their common parent folder")
     parser.add_argument("--status", type=Path, metavar="RUN_DIR",
                         help="print the job state, last metrics and ETA of a run (or of every run of a sweep)")
     parser.add_argument("--list-keys", action="store_true", help="print every override key with its preset value")
@@ -63,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 def launch(args: argparse.Namespace) -> int:
     """Everything main() does; bad input raises before anything is written or submitted."""
     if args.report:
-        print(report.write(args.report))
+        for run_dir in args.report:
+            print(f"{run_dir}: {report.write(run_dir)}" if len(args.report) > 1 else report.write(run_dir))
+        if len(args.report) > 1:
+            path = Path(os.path.commonpath([d.resolve() for d in args.report])) / "overlay.png"
+            report.overlay(args.report, path)
+            print(f"the {len(args.report)} runs overlaid: {path}")
         return 0
     if args.status:
         print(status.describe(args.status))

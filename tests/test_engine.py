@@ -96,6 +96,23 @@ def test_model_init_follows_the_paper():
     assert all(block.bn3.weight.eq(1).all() for block in plain.layer1)  # zero-gamma is switchable
 
 
+def test_model_width_narrows_every_stage_of_torchvisions_resnet_and_keeps_its_init():
+    narrow = model.build(config.ModelConfig(arch="resnet10", num_classes=10, width=16))
+    assert narrow.conv1.out_channels == narrow.bn1.num_features == 16
+    assert [layer[0].conv2.out_channels for layer in (narrow.layer1, narrow.layer2, narrow.layer3, narrow.layer4)] == \
+        [16, 32, 64, 128]
+    assert narrow.fc.in_features == 128 and narrow.fc.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert narrow.layer1[0].downsample is None  # the stem already has the first stage's channels
+    assert all(layer[0].bn2.weight.abs().sum() == 0 for layer in (narrow.layer1, narrow.layer4))  # zero-gamma
+    assert narrow(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    wide = model.build(config.ModelConfig(arch="resnet50", width=32))
+    assert wide.layer4[0].conv3.out_channels == 1024 and wide.fc.in_features == 1024
+    full = config.ModelConfig(arch="resnet50")
+    assert model.parameter_count(full) == 25_557_032  # width 64 is torchvision's resnet50 itself
+    with pytest.raises(ValueError, match="model.width=32 narrows only resnet10, resnet18"):
+        model.build(config.ModelConfig(arch="wide_resnet50_2", width=32))
+
+
 def test_torch_sgd_equals_the_papers_update_with_momentum_correction():
     """Paper eq. 10 with remark 2: v <- m (lr_new / lr_old) v + lr_new (g + wd w); w <- w - v.
 
@@ -221,3 +238,41 @@ def test_progress_records_carry_the_share_of_time_spent_waiting_for_data(tmp_pat
         assert "waiting for data" in metrics.progress_line(records[0])
     # 0.5 s per batch against a few ms of compute: nearly all of it; batches at once: nearly none
     assert min(shares[0.5]) > 0.8 and max(shares[0.0]) < 0.5
+
+
+def train_error_rank(rank: int, port: int, out, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One rank training 4 steps of 8 images (two records of 2 steps) at an lr too small to change a
+    prediction."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
+                                                         "train.log_every=2", "optim.base_lr=1e-12"])
+    plan = config.resolve(cfg)
+    device = distributed.init_distributed(cfg)
+    torch.manual_seed(0)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    batches = [streams.Batch(images[i * 8:(i + 1) * 8], labels[i * 8:(i + 1) * 8], [], 0) for i in range(4)]
+    loop.train_epoch(ds_engine, cfg, plan, iter(batches), 0, device, metrics.MetricsLog(out, enabled=True),
+                     preempt.StopRequest())
+
+
+def test_train_iter_records_carry_the_training_error_of_their_window(tmp_path):
+    """Fig. 2 plots training error: each record counts the top-1 misses of its window's images as they were
+    trained on. The labels are made from the initial model's own predictions, so the count is known: in the
+    first window 3 of 16 images get a wrong label, in the second 10 of 16."""
+    cfg = config.apply_overrides(config.preset("demo"), ["train.micro_batch=8"])
+    torch.manual_seed(0)
+    net = model.build(cfg.model).train()  # the same initial weights as the rank's (seed 0)
+    images = torch.randint(0, 256, (32, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        predicted = torch.cat([net(loop.model_input(images[i:i + 8], cfg, torch.device("cpu"))).argmax(1)
+                               for i in range(0, 32, 8)])  # per micro-batch of 8: BN over the same images
+    wrong = torch.zeros(32, dtype=torch.bool)
+    wrong[[0, 9, 15]] = True
+    wrong[16:26] = True
+    labels = torch.where(wrong, (predicted + 1) % 10, predicted)
+    out = tmp_path / "metrics.jsonl"
+    mp.start_processes(train_error_rank, args=(pick_port(), out, images, labels), nprocs=1, start_method="spawn")
+    records = metrics.read(out)
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["train_err"] for r in records] == [pytest.approx(100 * 3 / 16), pytest.approx(100 * 10 / 16)]
+    assert "train_err 18.75%" in metrics.progress_line(records[0])

@@ -14,8 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # The programs users run: thin, and imported by nothing.
-COMMAND_LINES = {"pipeline.submit", "pipeline.tune_buckets", "pipeline.rank", "pipeline.data.__main__",
-                 "pipeline.shards.__main__", "pipeline.scaling.__main__"}
+COMMAND_LINES = {"pipeline.submit", "pipeline.tune_buckets", "pipeline.rank", "pipeline.reproduce",
+                 "pipeline.data.__main__", "pipeline.shards.__main__", "pipeline.scaling.__main__"}
 # Layers, lowest first: a module imports only from lower layers, or from its own stage package.
 LAYERS = [
     ("pipeline.config",),
@@ -23,6 +23,7 @@ LAYERS = [
     ("pipeline.data",),
     ("pipeline.shards", "pipeline.train"),
     ("pipeline.launch",),
+    ("pipeline.study",),
 ]
 # Longer than ~350 lines only where the module is one coherent job.
 LONG_BY_DESIGN = {"pipeline.config": "the one typed config tree, its presets, overrides and plan"}

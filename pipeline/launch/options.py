@@ -15,12 +15,12 @@ OWN_SBATCH_KEYS = {"nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node",
                    "output", "error", "array", "requeue", "open-mode", "ntasks", "gpus"}
 
 
-def job_parser(prog: str, description: str, training: bool = True) -> argparse.ArgumentParser:
-    """The flags of a job on the cluster (config, resources, Slurm), shared by submit and tune_buckets; the
-    flags of training alone (stop signals, requeues, sweeps) only with `training`."""
+def job_parser(prog: str, description: str, training: bool = True, preset: str = "demo") -> argparse.ArgumentParser:
+    """The flags of a job on the cluster (config, resources, Slurm), shared by submit, reproduce and
+    tune_buckets; the flags of training alone (stop signals, requeues, sweeps) only with `training`."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", help=f"config preset: {', '.join(config.PRESETS)} (default demo)")
+    parser.add_argument("--preset", default=preset, help=f"config preset: {', '.join(config.PRESETS)} (default {preset})")
     parser.add_argument("--nodes", type=int, help="nodes (default: the preset's)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs = ranks per node; on CPU, processes (default: the preset's)")
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores per rank, also its torch threads (default: the preset's)")

@@ -37,22 +37,27 @@ class Run:
     ds_config: dict  # the DeepSpeed JSON, reconciled with cfg (pipeline.dsconfig)
 
 
-def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> Run:
-    """The run of the config (preset, then the cluster flags, then key=value overrides) in run_dir, with its
-    plan and reconciled DeepSpeed JSON; raises on anything that cannot run."""
+def job_config(args: argparse.Namespace, overrides: list[str]) -> config.Config:
+    """The config of the flags: the preset, then the cluster flags, then key=value overrides; the shard
+    folder made absolute (the ranks may start elsewhere)."""
     cfg = config.preset(args.preset)
     cluster = {k: v for k, v in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node),
                                  ("cpus_per_task", args.cpus_per_task)) if v is not None}
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **cluster))
     cfg = config.apply_overrides(cfg, overrides)
-    # The ranks may start elsewhere: make the shard folder absolute once, here.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())))
+
+
+def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> Run:
+    """The run of the flags' config (job_config) in run_dir, with its plan and reconciled DeepSpeed JSON;
+    raises on anything that cannot run."""
+    cfg = job_config(args, overrides)
     saved = None
     if (run_dir / "config.json").is_file() and not never_trained(run_dir):  # a run to resume, not to replace
         saved = config.load_run_config(run_dir)[0]
         cfg = config.keep_global_batch(saved, cfg, any(o.startswith("train.grad_accum=") for o in overrides))
     plan = config.resolve(cfg)
-    model.check_arch(cfg.model.arch)
+    model.check_arch(cfg.model)
     run = Run(run_dir, cfg, plan, load_ds_config(cfg, plan))
     if saved is not None:
         check_resume(run, saved)
@@ -89,15 +94,16 @@ def check_resume(run: Run, saved: config.Config) -> None:
                          "it to resume, or pass a new --run-dir")
 
 
-def makes_demo_data(cfg: config.Config, preset: str) -> bool:
-    """Whether the run reads the demo's own shard folder, which the demo makes itself."""
-    return preset == "demo" and cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve())
+def makes_demo_data(cfg: config.Config) -> bool:
+    """Whether the run reads the demo's own shard folder (the demo's and the study's presets do), which is
+    made when missing."""
+    return cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve())
 
 
-def make_demo_data(cfg: config.Config, preset: str) -> None:
-    """The demo makes its own data (Fashion-MNIST as JPEGs, then shards) when it reads the demo's shard
-    folder; any other shards must exist already. A rerun reuses what is there."""
-    if makes_demo_data(cfg, preset):
+def make_demo_data(cfg: config.Config) -> None:
+    """A run that reads the demo's shard folder makes its data (Fashion-MNIST as JPEGs, then shards);
+    any other shards must exist already. A rerun reuses what is there."""
+    if makes_demo_data(cfg):
         demo.write_image_tree(DEMO_IMAGES)
         convert(DEMO_IMAGES, Path(cfg.data.shards))
 

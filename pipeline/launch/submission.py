@@ -40,7 +40,7 @@ def dry_run(args: argparse.Namespace, run_dir: Path, runs: list[Run], sweep: boo
     """Print the plan of every run (as JSON with --json), its predicted speed and the verdict of the shard
     checks a submission would make; write nothing."""
     hardware = scaling.load_hardware(args.hardware)
-    shards = {run.run_dir: shard_verdict(run, args.preset) for run in runs}
+    shards = {run.run_dir: shard_verdict(run) for run in runs}
     if args.json:
         plans = [{"run_dir": str(r.run_dir), "config": config.to_dict(r.cfg), "plan": dataclasses.asdict(r.plan),
                   "ds_config": r.ds_config, "shards": shards[r.run_dir]} for r in runs]
@@ -54,9 +54,9 @@ def dry_run(args: argparse.Namespace, run_dir: Path, runs: list[Run], sweep: boo
     return 0
 
 
-def shard_verdict(run: Run, preset: str) -> str:
+def shard_verdict(run: Run) -> str:
     """"ready", or what a submission would refuse about the run's shards (the demo makes its own)."""
-    if makes_demo_data(run.cfg, preset) and not Path(run.cfg.data.shards).exists():
+    if makes_demo_data(run.cfg) and not Path(run.cfg.data.shards).exists():
         return "made by the demo when it runs"
     try:
         check_shards(run.cfg)
@@ -72,9 +72,10 @@ def print_plans(runs: list[Run], sweep: bool) -> None:
 
 
 def check_data(args: argparse.Namespace, run_dir: Path, runs: list[Run]) -> None:
-    """The demo's data made if needed; every run's shards and the run folder checked."""
-    for run in runs:
-        make_demo_data(run.cfg, args.preset)
+    """The demo's data made if needed; every run's shards and the run folder checked (once for the runs of
+    a sweep or a study that read the same shards)."""
+    for run in {run.cfg.data.shards: run for run in runs}.values():
+        make_demo_data(run.cfg)
         check_shards(run.cfg)
         check_paths(run.cfg, run_dir, args.assume_shared)
 

@@ -80,7 +80,9 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
     engine.train()
     corrupt, stopped = 0, False
     last_step = (epoch + 1) * plan.steps_per_epoch
-    window_loss, window_n, window_start = torch.zeros((), device=device), 0, time.time()
+    # The window's sums since the last record, on the device (no host sync per step): [loss of each
+    # micro-batch, top-1 hits, top-5 hits, images]
+    window, window_n, window_start = torch.zeros(4, dtype=torch.float64, device=device), 0, time.time()
     waited = 0.0  # seconds of the window this rank spent waiting for its next batch
     batches = iter(batches)
     while True:
@@ -92,7 +94,8 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         corrupt += batch.corrupt
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        loss = torch.nn.functional.cross_entropy(engine(model_input(batch.images, cfg, device)), labels)
+        logits = engine(model_input(batch.images, cfg, device))
+        loss = torch.nn.functional.cross_entropy(logits, labels)
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
         # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
         engine.backward(loss)
@@ -100,19 +103,23 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         lr = engine.get_lr()[0]
         before = engine.global_steps
         engine.step()
-        window_loss += loss.detach()  # summed on the device: no host sync per step
+        window += torch.cat([loss.detach().double().view(1), hit_counts(logits.detach(), labels)])
         window_n += 1
         step = engine.global_steps
         if step == before:  # inside an accumulation window: no optimizer step yet
             continue
         if step % cfg.train.log_every == 0 or step == plan.total_steps:
+            dist.all_reduce(window)  # all_reduce: every rank's window sums -> global sums (once per record)
+            loss_sum, top1, _, seen = window.tolist()
             elapsed = time.time() - window_start
-            # data_wait: rank 0's share of the window's wall time spent waiting for its loader (a slower loader
-            # on another rank shows here as slower steps, spent in the allreduce, not as waiting)
-            log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=window_loss.item() / window_n,
-                      img_s=window_n * cfg.train.micro_batch * plan.world_size / elapsed, total_steps=plan.total_steps,
+            # train_err: top-1 error of the window's training images, each counted when it was trained on (in
+            # training mode, before its step's update: Fig. 2 of the paper plots this). data_wait: rank 0's
+            # share of the window's wall time spent waiting for its loader (a slower loader on another rank
+            # shows here as slower steps, spent in the allreduce, not as waiting)
+            log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=loss_sum / (window_n * plan.world_size),
+                      train_err=100 * (1 - top1 / seen), img_s=seen / elapsed, total_steps=plan.total_steps,
                       data_wait=min(1.0, waited / elapsed))
-            window_loss, window_n, window_start, waited = torch.zeros((), device=device), 0, time.time(), 0.0
+            window, window_n, window_start, waited = torch.zeros_like(window), 0, time.time(), 0.0
         if step < last_step and stop.poll(device, step):
             stopped = True
             break
@@ -197,6 +204,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     if resumed:
         tag, position, ranks_before = resumed
         epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
+    log.add_tensorboard(purge_step=engine.global_steps)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:

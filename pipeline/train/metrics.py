@@ -7,11 +7,29 @@ import time
 from pathlib import Path
 
 
+# TensorBoard tag of each scalar a record carries, by record type.
+BOARD_TAGS = {
+    "train_iter": {"lr": "train/lr", "loss": "train/loss", "train_err": "train/top1_err", "img_s": "train/images_per_s",
+                   "data_wait": "train/data_wait"},
+    "eval": {"top1_err": "val/top1_err", "top5_err": "val/top5_err"},
+}
+
+
 class MetricsLog:
     """Appends one JSON object a line to metrics.jsonl; a no-op on every rank but the primary."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
+        self.board = None
+
+    def add_tensorboard(self, purge_step: int) -> None:
+        """Also write the scalars of train_iter and eval records (BOARD_TAGS) as TensorBoard events into the
+        metrics file's folder, so that `tensorboard --logdir` over several run folders overlays them. Events
+        at or after purge_step from an earlier attempt are hidden: a resumed run logs those steps again."""
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(self.path.parent), purge_step=purge_step or None)
 
     def write(self, _type: str, **fields) -> dict:
         """Append a record tagged `_type` with a wall-clock `time`; returns it."""
@@ -19,6 +37,11 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.board is not None and _type in BOARD_TAGS:
+            for key, tag in BOARD_TAGS[_type].items():
+                if key in record:
+                    self.board.add_scalar(tag, record[key], global_step=record["step"], walltime=record["time"])
+            self.board.flush()  # a record every log_every steps: cheap, and nothing is lost to a crash
         return record
 
 
@@ -49,7 +72,9 @@ def progress_line(record: dict) -> str | None:
     kind = record.get("_type")
     if kind == "train_iter":
         return (f"step {record['step']}/{record['total_steps']} epoch {record['epoch'] + 1} "
-                f"lr {record['lr']:.4g} loss {record['loss']:.4f} {record['img_s']:.0f} img/s"
+                f"lr {record['lr']:.4g} loss {record['loss']:.4f}"
+                + (f" train_err {record['train_err']:.2f}%" if "train_err" in record else "")
+                + f" {record['img_s']:.0f} img/s"
                 + (f", {record['data_wait']:.0%} waiting for data" if "data_wait" in record else ""))
     if kind == "eval":
         corrupt = record.get("train_corrupt", 0)

@@ -43,22 +43,51 @@ def summarize(evals: list[dict], iters: list[dict]) -> dict:
     }
 
 
-def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
-    """Training loss and validation error against epochs, as a PNG at path."""
+def pyplot():
+    """matplotlib's pyplot drawing into files only (clusters have no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; clusters have no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def epochs_of(evals: list[dict], iters: list[dict]) -> list[float]:
+    """The epoch (fractional) at which each train_iter record was written."""
     steps_per_epoch = evals[0]["step"] / (evals[0]["epoch"] + 1)
+    return [r["step"] / steps_per_epoch for r in iters]
+
+
+def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
+    """Training loss and validation error against epochs, as a PNG at path."""
+    plt = pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["step"] / steps_per_epoch for r in iters], [r["loss"] for r in iters])
+    ax_loss.plot(epochs_of(evals, iters), [r["loss"] for r in iters])
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     epochs = [r["epoch"] + 1 for r in evals]
     ax_err.plot(epochs, [r["top1_err"] for r in evals], marker="o", label="top-1")
     ax_err.plot(epochs, [r["top5_err"] for r in evals], marker="o", label="top-5")
     ax_err.set(xlabel="epoch", ylabel="validation error (%)", title="validation error")
     ax_err.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def overlay(run_dirs: list[Path], path: Path) -> None:
+    """Training error (loss for runs logged before train_err existed) and validation top-1 error against
+    epochs of several runs in one PNG at path, a line per run named by its folder."""
+    plt = pyplot()
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for run_dir in run_dirs:
+        evals, iters = history(run_dir)
+        key = "train_err" if iters and all("train_err" in r for r in iters) else "loss"
+        ax_train.plot(epochs_of(evals, iters), [r[key] for r in iters], label=Path(run_dir).name)
+        ax_val.plot([r["epoch"] + 1 for r in evals], [r["top1_err"] for r in evals], marker="o", label=Path(run_dir).name)
+    ax_train.set(xlabel="epoch", ylabel="training error (%) or loss", title="training")
+    ax_val.set(xlabel="epoch", ylabel="validation top-1 error (%)", title="validation")
+    ax_val.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,78 @@
+"""Reproduce the paper's Table 1 and Figures 1-2 at small scale: a study of many training runs, and its table.
+
+    python -m pipeline.reproduce                          # the local study: Fashion-MNIST, 18 runs, ~1 h on 2 cores
+    python -m pipeline.reproduce --quick --out runs/quick # 3 short runs: a first look
+    python -m pipeline.reproduce --preset goyal_r50_bs256 --nodes 2 --partition gpu --seeds 5 \\
+        data.shards=/datasets/imagenet-shards             # the paper's study on a cluster, as one job array
+
+Rows: kn = 1x, 4x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 -> 32k),
+linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
+--zero-gamma, no zero-gamma). The ranks stay as given; a larger kn accumulates micro-batches
+(train.grad_accum), so BatchNorm keeps its n images. Each run's error is the median of its last epochs;
+each row's the mean and std over seeds. Key=value overrides apply to every run.
+
+Each run is an ordinary run folder in OUT/runs/: the same command resumes a stopped study (finished runs are
+kept, the others resume from their newest checkpoint) and, once every run has ended, writes OUT/table1.md,
+table1.json, fig2.png (training error against epochs) and error_vs_kn.png. Every run folder is also a
+TensorBoard log: tensorboard --logdir OUT/runs overlays them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.launch import options
+from pipeline.launch.prepare import choose_cluster
+from pipeline.study import execute, table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The job's flags (pipeline.launch.options) and the study's."""
+    parser = options.job_parser("python -m pipeline.reproduce", __doc__, preset="study")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"),
+                        help="the study folder: runs/ inside it, the table and figures beside (default runs/study)")
+    parser.add_argument("--quick", action="store_true",
+                        help="three one-epoch runs (1x, 4x with and without warmup), one seed: a first look")
+    parser.add_argument("--seeds", type=int, help="runs per row, seeds 0..N-1 (default 2, 1 with --quick; the paper 5)")
+    parser.add_argument("--rows", metavar="NAME,...", help="only these rows, e.g. --rows '1x,32x,32x no warmup'")
+    parser.add_argument("--zero-gamma", action="store_true", help="add the 32x row without zero-gamma (Table 2b)")
+    parser.add_argument("--parallel", type=int,
+                        help="on this machine: runs at once (default: the cores over each run's ranks x threads)")
+    parser.add_argument("--wait", action="store_true", help="on Slurm: follow the job array and write the table at its end")
+    parser.add_argument("--dry-run", action="store_true", help="print every run's plan and state; train nothing")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return reproduce(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    """Everything main() does; bad input raises before anything is written or run."""
+    if args.sweep:
+        raise ValueError("--sweep: the study makes its own runs; pass key=value overrides to change every run")
+    if args.parallel is not None and args.parallel < 1:
+        raise ValueError(f"--parallel {args.parallel} must be at least 1")
+    options.check_slurm_args(args)
+    sbatch_options = options.sbatch_options(args)
+    study, runs = execute.plan(args)
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.run_dir.name} ({table.run_state(run.run_dir)}): {run.plan.summary(run.cfg)}")
+        print(f"{len(runs)} runs in {args.out.resolve() / 'runs'} (dry run: nothing written, nothing trained)")
+        return 0
+    args.cluster = choose_cluster(args.cluster)
+    code = execute.train(args, runs, sbatch_options)
+    execute.write_results(args.out.resolve(), study)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
