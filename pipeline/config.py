@@ -90,7 +90,10 @@ class TrainConfig:
     ds_config: str = ""  # DeepSpeed JSON; empty means ds_configs/<precision>.json of this project
     seed: int = 0  # seeds the model init and the per-epoch data permutation
     log_every: int = 50  # optimizer steps between train_iter records
-    keep_checkpoints: int = 3  # newest checkpoints kept on disk (an epoch's end, a preemption); 0 keeps all
+    keep_checkpoints: int = 3  # newest complete checkpoints kept on disk, by global step; 0 keeps all
+    # minutes between periodic checkpoints within an epoch (besides every epoch's end and every stop), so that
+    # a crash without a warning loses at most this much; 0: none
+    checkpoint_every_min: float = 30.0
     precise_bn_batches: int = 0  # 0: evaluate on BN's running averages (paper); N: recompute them on N train batches per rank first
 
 
@@ -326,6 +329,8 @@ def resolve(cfg: Config) -> Plan:
         ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "finite and 0 or more"),
         ("schedule.gamma", sched.gamma, 0 < sched.gamma <= 1, "in (0, 1]: the lr is multiplied by it"),
         ("schedule.warmup_epochs", sched.warmup_epochs, 0 <= sched.warmup_epochs < math.inf, "finite and 0 or more"),
+        ("train.checkpoint_every_min", cfg.train.checkpoint_every_min, 0 <= cfg.train.checkpoint_every_min < math.inf,
+         "finite and 0 (none) or more"),
         ("model.fc_init_std", cfg.model.fc_init_std, 0 < cfg.model.fc_init_std < math.inf, "a finite number above 0"),
     ):
         if not ok:

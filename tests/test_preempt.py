@@ -86,4 +86,23 @@ def test_a_stop_outside_slurm_says_nothing_was_requeued(monkeypatch):
     def submitit_handler(signum, frame):
         raise SystemExit(-1)
     stop.previous[signal.SIGUSR2] = submitit_handler
-    assert stop.requeue(max_requeues=3) == (False, "not requeued: not a Slurm job")
+    assert stop.requeue(max_requeues=3) == (False, "not requeued (not a Slurm job)")
+
+
+def test_checkpoints_are_kept_by_global_step_and_unfinished_saves_removed(tmp_path):
+    """Folder times play no part: a tag resumed into and rewritten later must not outlive newer steps, and a
+    save that never completed (no COMPLETE file) takes no slot."""
+    from pipeline.train import checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    for age, (tag, step) in enumerate([("epoch-002", 30), ("step-0000045", 45), ("step-0000020", 20),
+                                       ("epoch-001", 15), ("step-0000040", 40)]):
+        (ckpt / tag).mkdir(parents=True)
+        (ckpt / tag / checkpoint.COMPLETE).write_text(f"{step}\n")
+        os.utime(ckpt / tag, (1000 - age, 1000 - age))  # the newest step is not the newest folder
+    (ckpt / "step-0000050").mkdir()  # a save killed before every rank had written its files
+    (ckpt / "latest").write_text("step-0000045")
+    checkpoint.prune(ckpt, keep=3)
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["epoch-002", "step-0000040", "step-0000045"]
+    checkpoint.prune(ckpt, keep=0)  # keep all: only unfinished saves go
+    assert len([d for d in ckpt.iterdir() if d.is_dir()]) == 3

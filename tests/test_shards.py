@@ -87,6 +87,32 @@ def test_odd_inputs_are_converted_or_skipped(tmp_path):
             assert (image.format, image.mode) == ("JPEG", "RGB")
 
 
+def test_nested_folders_link_loops_and_stray_files_are_listed_as_skipped(tmp_path):
+    """Nothing of the source tree is passed over silently: what the listing does not read is in the
+    manifest's skipped list with the reason."""
+    root = write_tree(tmp_path / "src", train_per_class=2, val_per_class=1)
+    folder = root / "train" / "00_tshirt_top"
+    (folder / "more").mkdir()
+    shutil.copy(next(folder.glob("*.JPEG")), folder / "more" / "hidden.JPEG")
+    (folder / "loop.JPEG").symlink_to(folder / "loop.JPEG")
+    (folder / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    (root / "train" / "README.txt").write_text("a file beside the class folders")
+    (root / "train" / "cycle").symlink_to(root / "train" / "cycle")
+    os.mkfifo(root / "val" / "00_tshirt_top" / "fifo")
+    convert.convert(root, tmp_path / "out", shard_samples=4)
+    skipped = {entry["path"]: entry["reason"] for split in ("train", "val")
+               for entry in load_manifest(tmp_path / "out", split).skipped}
+    assert skipped == {
+        "train/00_tshirt_top/more": "a folder where images are expected: its files are not read; move them up a level",
+        "train/00_tshirt_top/loop.JPEG": "a symbolic link that leads nowhere (Too many levels of symbolic links)",
+        "train/00_tshirt_top/gone.JPEG": "a symbolic link that leads nowhere (No such file or directory)",
+        "train/README.txt": "a file where class folders are expected",
+        "train/cycle": "a symbolic link that leads nowhere (Too many levels of symbolic links)",
+        "val/00_tshirt_top/fifo": "not a regular file",
+    }
+    assert load_manifest(tmp_path / "out", "train").num_samples == 2 * 10
+
+
 def test_rerun_keeps_finished_shards(image_tree, shard_dir, capsys):
     before = (shard_dir / "train.json").read_text()
     convert.convert(image_tree, shard_dir, shard_samples=25)

@@ -27,7 +27,10 @@ def submit(*args, cwd=None):
 @pytest.fixture(scope="module")
 def run(shard_dir, weird_root):
     run_dir = weird_root / "run one"
-    args = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL]
+    # A periodic checkpoint after every step (0.36 ms): the other runs of SMALL, without them, end with the same
+    # weights (test_a_run_stopped_on_two_ranks_resumes_on_one...)
+    args = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL,
+            "train.checkpoint_every_min=0.000006"]
     result = submit(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, args, result
@@ -52,6 +55,10 @@ def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
     losses = [r["loss"] for r in iters]
     assert sum(losses[-5:]) / 5 < 2.0 < sum(losses[:5]) / 5 and evals[-1]["top1_err"] < 88
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-002"
+    periodic = [r["step"] for r in records if r["_type"] == "checkpoint"]
+    assert periodic == [*range(2, 15), *range(16, 30)]  # the step after each poll, but an epoch's last
+    kept = sorted((d.name, int((d / "COMPLETE").read_text())) for d in (run_dir / "checkpoints").iterdir() if d.is_dir())
+    assert kept == [("epoch-002", 30), ("step-0000028", 28), ("step-0000029", 29)]  # train.keep_checkpoints=3 by step
     assert len(list((run_dir / "checkpoints" / "epoch-002").glob("rank*_state.pt"))) == 2  # RNG and BN, per rank
     assert (run_dir / "curves.png").stat().st_size > 0
     report = json.loads((run_dir / "report.json").read_text())
@@ -73,19 +80,21 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
     run_dir, args, _ = run
     first = metrics.read(run_dir / "metrics.jsonl")
     ckpt = run_dir / "checkpoints"
-    (ckpt / "latest").write_text("epoch-001")  # as if preempted during epoch 2 ...
-    (ckpt / "step-0000020").mkdir()  # ... while writing a newer checkpoint: half a file, `latest` not yet moved
-    (ckpt / "step-0000020" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
-    (ckpt / "latest.partial").write_text("step-0000020")
+    (ckpt / "latest").write_text("step-0000028")  # as if the run crashed after its periodic checkpoint at step 28 ...
+    shutil.rmtree(ckpt / "step-0000029")
+    (ckpt / "step-0000029").mkdir()  # ... while writing the next one: half a file, `latest` not yet moved
+    (ckpt / "step-0000029" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
+    (ckpt / "latest.partial").write_text("step-0000029")
     again = submit(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from epoch-001 at epoch 1, step 15" in again.stdout
+    assert "resumed from step-0000028 at epoch 1, step 28; steps 29-30 run again" in again.stdout
+    assert not (ckpt / "step-0000029").exists()  # an unfinished save: removed at the next complete one
     second = metrics.read(run_dir / "metrics.jsonl")[len(first):]
-    def epoch2(records):
+    def after_28(records):
         return [(r["_type"], r.get("step"), r.get("lr"), r.get("loss"), r.get("top1_err"))
-                for r in records if r["_type"] in ("train_iter", "eval") and r["epoch"] == 1]
-    want, got = epoch2(first), epoch2(second)
-    assert len(want) == 16
+                for r in records if r["_type"] in ("train_iter", "eval") and r["step"] > 28]
+    want, got = after_28(first), after_28(second)
+    assert [w[:2] for w in want] == [("train_iter", 29), ("train_iter", 30), ("eval", 30)]
     for w, g in zip(want, got, strict=True):
         assert w[:3] == g[:3]
         assert g[3:] == pytest.approx(w[3:], rel=1e-5, abs=1e-6)  # model, momentum, lr and data all came back
@@ -217,17 +226,26 @@ def stopped_rank(rank: int, port: int, run_dir, stop_after: int) -> None:
         loop.run(run_dir, stop)
 
 
-def test_a_run_stopped_on_two_ranks_resumes_on_one_and_ends_with_the_same_weights(run, shard_dir, tmp_path):
-    """Stopped mid-epoch on 2 ranks, resumed by the launcher on 1 rank: it derives grad_accum 2 (the same
-    global batch), and the run ends where the uninterrupted 2-rank run ended."""
+def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the_same_weights(run, shard_dir, tmp_path):
+    """Ctrl-C in the terminal of a local 2-rank run: the launcher alone hears it (its job ignores SIGINT),
+    asks the ranks to stop, says where they stopped, once, without a traceback. Resumed by the launcher on 1
+    rank: it derives grad_accum 2 (the same global batch), every step is logged once, and the run ends where
+    the uninterrupted 2-rank run ended."""
     reference, args, _ = run
     run_dir = tmp_path / "resized"
     same = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL]
-    prepared = submit(*same, "--emit-sbatch", str(tmp_path / "job.sbatch"))
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
-    mp.start_processes(stopped_rank, args=(pick_port(), run_dir, 5), nprocs=2, start_method="spawn")
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.submit", *same], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not any(r["_type"] == "train_iter" and r["step"] >= 5 for r in metrics.read(run_dir / "metrics.jsonl")):
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    out, err = launcher.communicate(timeout=120)
     stop = [r for r in metrics.read(run_dir / "metrics.jsonl") if r["_type"] == "stop"]
+    assert launcher.returncode == 130 and "Traceback" not in out + err, out + err
     assert len(stop) == 1 and 5 <= stop[0]["step"] < 15  # mid-epoch: 15 steps an epoch
+    assert f"stopped after step {stop[0]['step']} (SIGTERM): checkpoint step-{stop[0]['step']:07d} complete" in out
+    assert "Ctrl-C: every rank stops after its current step" in err and "to resume" in err
     refused = submit(*same, "--gpus-per-node", "3")
     assert refused.returncode == 2 and "global batch 16 cannot be kept on 3 ranks" in refused.stderr
     assert "among 1, 2 ranks" in refused.stderr

@@ -4,10 +4,12 @@ shards and paths, its run folder, and the submitit executor that will run it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,14 +205,38 @@ def choose_cluster(requested: str) -> str:
     return "slurm" if up else "local"
 
 
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT ignored while the block starts processes, which inherit that: a Ctrl-C in the terminal then
+    reaches the launcher alone, which stops the job cleanly (stop_local_job), instead of reaching submitit's
+    local controller (which dies printing a traceback, and kills the ranks a second later) and the ranks
+    (which die mid-step, so that the steps since their last checkpoint are lost and trained again)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_local_job(job: submitit.Job) -> None:
+    """Ask a job of submitit's local executor to stop: SIGTERM to its controller (the job id is its pid),
+    which forwards it to the ranks; they stop after the same step and checkpoint (pipeline.train.preempt).
+    submitit's own cancel() sends SIGINT, which these processes ignore (_interrupts_ignored)."""
+    try:
+        os.kill(int(job.job_id), signal.SIGTERM)
+    except ProcessLookupError:  # it has just ended
+        pass
+
+
 def submit_jobs(executor: submitit.Executor, jobs: list) -> list[submitit.Job]:
     """executor.submit of every job (one job array when several); a refusal by sbatch becomes one error
-    with Slurm's own words and the way out."""
+    with Slurm's own words and the way out. Local jobs start with SIGINT ignored (_interrupts_ignored)."""
     try:
-        if len(jobs) == 1:
-            return [executor.submit(jobs[0])]
-        with executor.batch():
-            submitted = [executor.submit(job) for job in jobs]
+        with _interrupts_ignored() if executor.cluster == "local" else contextlib.nullcontext():
+            if len(jobs) == 1:
+                return [executor.submit(jobs[0])]
+            with executor.batch():
+                submitted = [executor.submit(job) for job in jobs]
         return submitted
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
         words = " ".join(str(err).split())

@@ -19,7 +19,7 @@ from pipeline.launch import sbatch, status
 from pipeline.launch.jobs import TrainJob
 from pipeline.launch.options import sweep_overrides
 from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
-                                     makes_demo_data, prepare_run_dir, resolve_run, submit_jobs)
+                                     makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
 from pipeline.scaling import model as scaling
 from pipeline.train import metrics, model, report
 
@@ -104,10 +104,13 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
     if executor.cluster == "slurm" and not args.wait:
         print(f"follow it with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
         return 0
-    follow(job, run_dir, earlier)
+    interrupted = follow(job, run_dir, earlier, local=executor.cluster == "local")
     try:
         job.results()
     except submitit.core.utils.FailedJobError as err:
+        if interrupted:  # the stop record's line said where it stopped
+            print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
+            return 130
         print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
         return 1
     print(report.read(run_dir))
@@ -162,11 +165,14 @@ def prediction(hw: scaling.Hardware, run: Run) -> str:
             "or evaluation (python -m pipeline.scaling)")
 
 
-def follow(job: submitit.Job, run_dir: Path, shown: int) -> None:
+def follow(job: submitit.Job, run_dir: Path, shown: int, local: bool) -> bool:
     """Print progress lines of the records after the first `shown` of metrics.jsonl until the job ends;
-    Ctrl-C cancels the job."""
-    try:
-        while True:
+    returns whether Ctrl-C stopped it. Ctrl-C on a local job asks its ranks to stop after the same step and
+    checkpoint, and follows it to that end (the stop record's line says where; a second Ctrl-C leaves them
+    to it); on a Slurm job it cancels the job."""
+    interrupted = False
+    while True:
+        try:
             done = job.done()
             records = metrics.read(run_dir / "metrics.jsonl")
             for record in records[shown:]:
@@ -175,9 +181,19 @@ def follow(job: submitit.Job, run_dir: Path, shown: int) -> None:
                     print(line, flush=True)
             shown = len(records)
             if done:
-                return
+                return interrupted
             time.sleep(2)
-    except KeyboardInterrupt:
-        job.cancel()
-        print(f"\ncancelled job {job.job_id}; rerun the same command with --run-dir {run_dir} to resume", file=sys.stderr)
-        raise SystemExit(130)
+        except KeyboardInterrupt:
+            if not local:
+                job.cancel()
+                print(f"\ncancelled job {job.job_id}; rerun the same command with --run-dir {run_dir} to resume",
+                      file=sys.stderr)
+                raise SystemExit(130) from None
+            if interrupted:
+                print(f"\nleft the ranks of job {job.job_id} to finish their checkpoint; rerun the same command with "
+                      f"--run-dir {run_dir} to resume", file=sys.stderr)
+                raise SystemExit(130) from None
+            interrupted = True
+            stop_local_job(job)
+            print("\nCtrl-C: every rank stops after its current step and writes a checkpoint (Ctrl-C again to leave "
+                  "them to it)", file=sys.stderr, flush=True)

@@ -158,10 +158,11 @@ def _check_same_source(out: Path, settings: dict, force: bool) -> None:
         write_json(path, settings)
 
 
-def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]], classes: list[str],
-                  settings: dict, pool: multiprocessing.pool.Pool | None = None,
+def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]], passed_over: list[dict],
+                  classes: list[str], settings: dict, pool: multiprocessing.pool.Pool | None = None,
                   task: tuple[int, int] = (0, 1), recheck: bool = False) -> dict | None:
-    """Convert one split: write the shards not already finished (in `pool` when given), then the manifest.
+    """Convert one split: write the shards not already finished (in `pool` when given), then the manifest,
+    whose skipped list holds the entries the listing passed over and the files that were not images.
 
     With task=(i, n), write only the i-th of n contiguous ranges of shards and no manifest (a Slurm array
     task); a later run without task finds them finished and writes the manifest. Returns the manifest.
@@ -204,7 +205,7 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
                               shard_samples=settings["shard_samples"],
                               order_seed=settings["seed"] if split == "train" else None,
                               max_side=settings["max_side"], shards=shards,
-                              skipped=[skip for r in records for skip in r["skipped"]],
+                              skipped=passed_over + [skip for r in records for skip in r["skipped"]],
                               index=index_rows(out, shards, spans))
     total_bytes = sum((out / s["name"]).stat().st_size for s in shards)
     print(f"{split}: {manifest['num_samples']} samples in {len(shards)} shards, {total_bytes / 1e6:.1f} MB, "
@@ -242,7 +243,7 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
                          "output would be overwritten; put --out outside --src")
     classes = list_classes(src)
     listed = {split: list_split(src, split, classes, val_labels) for split in SPLITS}  # every input error first
-    for split, items in listed.items():
+    for split, (items, _) in listed.items():
         owner: dict[str, str] = {}
         for path, _ in items:
             other = owner.setdefault(sample_key(path), path)
@@ -258,6 +259,6 @@ def convert(src: Path, out: Path, shard_samples: int = DEFAULT_SHARD_SAMPLES, se
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     with pool or contextlib.nullcontext():
         for split in SPLITS:
-            convert_split(src, out, split, listed[split], classes, settings, pool, task, recheck)
+            convert_split(src, out, split, *listed[split], classes, settings, pool, task, recheck)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -49,8 +50,35 @@ def read_val_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def list_split(src: Path, split: str, classes: list[str], val_labels: Path | None = None) -> list[tuple[str, int]]:
-    """(path relative to src, label) for every file of a split, sorted by path.
+def _kind(path: Path) -> str:
+    """"file", "folder", or why the entry is neither (a symbolic-link loop, a link to nothing, a socket...)."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links, as reading the file would
+    except OSError as err:
+        return f"a symbolic link that leads nowhere ({err.strerror})" if path.is_symlink() else f"unreadable ({err.strerror})"
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _entries(folder: Path, src: Path, want: str, passed_over: list[dict]) -> list[Path]:
+    """The entries of folder of kind `want` ("file" or "folder"), sorted; every other entry is added to
+    passed_over with the reason, so that the manifest lists what the conversion did not read."""
+    kept = []
+    for entry in sorted(folder.iterdir()):
+        kind = _kind(entry)
+        if kind == want:
+            kept.append(entry)
+        else:
+            reason = {"folder": "a folder where images are expected: its files are not read; move them up a level",
+                      "file": "a file where class folders are expected"}.get(kind, kind)
+            passed_over.append({"path": str(entry.relative_to(src)), "reason": reason})
+    return kept
+
+
+def list_split(src: Path, split: str, classes: list[str],
+               val_labels: Path | None = None) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(path relative to src, label) for every file of a split, sorted by path; and the entries passed over
+    ({"path", "reason"}: nested folders, symbolic-link loops, files outside class folders), which the manifest
+    lists as skipped.
 
     Class folders, or for val with val_labels a flat folder whose labels come from that file.
     """
@@ -58,10 +86,11 @@ def list_split(src: Path, split: str, classes: list[str], val_labels: Path | Non
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; --src must hold train/<class>/* and val/<class>/*")
     index = {c: i for i, c in enumerate(classes)}
+    passed_over: list[dict] = []
     if split == "val" and val_labels is not None:
         labels = read_val_labels(val_labels)
         items = []
-        for f in sorted(p for p in root.iterdir() if p.is_file()):
+        for f in _entries(root, src, "file", passed_over):
             name = labels.get(f.stem)
             if name is None:
                 raise ValueError(f"{f}: no label in {val_labels}; add a line `{f.name} <class>` or remove the file")
@@ -72,18 +101,18 @@ def list_split(src: Path, split: str, classes: list[str], val_labels: Path | Non
             items.append((str(f.relative_to(src)), index[name]))
         if not items:
             raise ValueError(f"{root} holds no files next to --val-labels {val_labels} (class folders need no labels)")
-        return items
+        return items, passed_over
     items = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in _entries(root, src, "folder", passed_over):
         if folder.name not in index:
             raise ValueError(f"{folder}: class {folder.name!r} is not a class folder of {src / 'train'}")
-        files = sorted(f for f in folder.iterdir() if f.is_file())
+        files = _entries(folder, src, "file", passed_over)
         if not files:
             raise ValueError(f"{folder} is an empty class folder; remove it or add its images")
         items += [(str(f.relative_to(src)), index[folder.name]) for f in files]
     if not items:
         raise ValueError(f"{root} holds no class folders" + ("; a flat val/ needs --val-labels FILE" if split == "val" else ""))
-    return items
+    return items, passed_over
 
 
 def sample_key(relpath: str) -> str:

@@ -21,7 +21,8 @@ import submitit
 
 from pipeline.launch import status, submission
 from pipeline.launch.jobs import TrainJob
-from pipeline.launch.prepare import Run, job_config, make_executor, prepare_run_dir, resolve_run, submit_jobs
+from pipeline.launch.prepare import (Run, job_config, make_executor, prepare_run_dir, resolve_run, stop_local_job,
+                                     submit_jobs)
 from pipeline.study import design, figures, table
 from pipeline.train import metrics, report
 
@@ -71,11 +72,11 @@ def local_parallelism(runs: list[Run]) -> int:
 
 def train_locally(args: argparse.Namespace, runs: list[Run], options: dict, parallel: int) -> list[str]:
     """Train the runs on this machine, `parallel` at a time, each through submitit's local executor as an
-    ordinary run; a line when each ends. Returns the folders of the runs that failed. Ctrl-C cancels the
-    running ones, and so does SIGTERM (they resume from their newest checkpoint with the same command)."""
+    ordinary run; a line when each ends. Returns the folders of the runs that failed. Ctrl-C, or SIGTERM,
+    stops the running ones after their current step with a checkpoint: the same command resumes them."""
     queue, active, failed, started = list(runs), [], [], time.time()
     total = len(runs)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: cancel the runs, as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: stop the runs, as Ctrl-C does
     try:
         while queue or active:
             while queue and len(active) < parallel:
@@ -101,10 +102,16 @@ def train_locally(args: argparse.Namespace, runs: list[Run], options: dict, para
                       f", about {metrics.duration(eta)} to go", flush=True)
     except KeyboardInterrupt:
         for _, job in active:
-            job.cancel()
-        print(f"\nstopped: {len(active)} running runs cancelled; the same command resumes the study (finished runs "
-              "are kept, the others resume from their newest checkpoint)", file=sys.stderr)
-        raise SystemExit(130)
+            stop_local_job(job)
+        print(f"\nstopping: the {len(active)} running runs stop after their current step and write a checkpoint; "
+              "the same command resumes the study (finished runs are kept, the others resume from their newest "
+              "checkpoint)", file=sys.stderr, flush=True)
+        try:
+            for _, job in active:
+                job.wait()
+        except KeyboardInterrupt:
+            print("left the runs to finish their checkpoints", file=sys.stderr)
+        raise SystemExit(130) from None
     return failed
 
 

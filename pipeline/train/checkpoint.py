@@ -45,10 +45,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _write_durably(path: Path, text: str) -> None:
+    """path holds text, on disk, or path is untouched (written beside it, synced, then renamed)."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
 def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: int) -> str:
     """Checkpoint under `tag` (collective: every rank calls it). `position` is where training goes on:
-    {"epoch", "step_in_epoch"}, the next batch the loader hands out. Then only the newest `keep` tags
-    stay on disk (0: all)."""
+    {"epoch", "step_in_epoch"}, the next batch the loader hands out. Once every rank's files are written,
+    the tag gets its COMPLETE file (its global step) and becomes `latest`; then prune() keeps the newest
+    `keep` complete tags (0: all)."""
     ckpt = directory(run_dir)
     client = {"position": position, "config": config}
     engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
@@ -56,17 +67,28 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     torch.save({"rng": _rng_state(), "buffers": buffers}, _rank_file(ckpt / tag, dist.get_rank()))
     dist.barrier()  # every rank's files are written: only now is the tag complete
     if is_primary():
-        partial = ckpt / "latest.partial"
-        with open(partial, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it becomes `latest`
-        os.replace(partial, ckpt / "latest")
-        if keep:
-            older = sorted((d for d in ckpt.iterdir() if d.is_dir() and d.name != tag), key=lambda d: d.stat().st_mtime)
-            for stale in older[:max(0, len(older) - (keep - 1))]:
-                shutil.rmtree(stale)
+        _write_durably(ckpt / tag / COMPLETE, f"{engine.global_steps}\n")
+        _write_durably(ckpt / "latest", tag)
+        prune(ckpt, keep)
     return tag
+
+
+COMPLETE = "COMPLETE"  # in a tag folder once every rank's files are in it; holds the tag's global step
+
+
+def prune(ckpt: Path, keep: int) -> None:
+    """Keep the newest `keep` complete tags by global step (0: all), and remove the folders of saves that
+    never completed (a job killed mid-save) but the one `latest` names; folder times play no part."""
+    latest = (ckpt / "latest").read_text().strip()
+    complete, broken = {}, []
+    for folder in (d for d in ckpt.iterdir() if d.is_dir()):
+        if (folder / COMPLETE).is_file():
+            complete[folder] = int((folder / COMPLETE).read_text())
+        elif folder.name != latest:
+            broken.append(folder)
+    stale = sorted(complete, key=complete.get)[:-keep] if keep else []
+    for folder in broken + [d for d in stale if d.name != latest]:
+        shutil.rmtree(folder)
 
 
 def latest_tag(run_dir: Path) -> str | None:

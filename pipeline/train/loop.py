@@ -72,11 +72,12 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
 
 
 def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log,
-                stop: preempt.StopRequest) -> tuple[int, bool]:
+                stop: preempt.StopRequest, save=None) -> tuple[int, bool]:
     """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
     optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
     stop (a signal, or a loss that was not finite: stop.diverged_at) before the epoch's end; the last step
-    of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen."""
+    of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen. `save(tag)`
+    writes the periodic checkpoints (train.checkpoint_every_min) at the step the ranks agreed on."""
     engine.train()
     corrupt, stopped = 0, False
     last_step = (epoch + 1) * plan.steps_per_epoch
@@ -123,6 +124,9 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         if step < last_step and stop.poll(device, step):
             stopped = True
             break
+        if stop.save_due and step < last_step and save is not None and stop.diverged_at is None:
+            log.write("checkpoint", step=step, tag=save(f"step-{step:07d}"), reason="periodic")
+            stop.saved()
     total = torch.tensor(corrupt, dtype=torch.int64, device=device)
     dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
     return int(total), stopped
@@ -199,6 +203,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         return checkpoint.save(engine, run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch}, config_dict,
                                cfg.train.keep_checkpoints)
 
+    stop.save_every_s = cfg.train.checkpoint_every_min * 60
     resumed = checkpoint.resume(engine, run_dir, config_dict)
     epoch, step_in_epoch = 0, 0
     if resumed:
@@ -208,8 +213,13 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:
+        # After a crash, the steps since the checkpoint are trained and logged again: the resume record names
+        # the steps whose earlier records this attempt supersedes (reports keep the last record of a step).
+        logged = [r["step"] for r in metrics.read(log.path) if r["_type"] == "train_iter"] if is_primary() else []
+        redone = [s for s in logged if s > engine.global_steps]
         record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
-                           ranks_before=ranks_before)
+                           ranks_before=ranks_before,
+                           superseded_steps=[engine.global_steps + 1, max(redone)] if redone else None)
         if is_primary():
             print(metrics.progress_line(record), flush=True)
     rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
@@ -226,7 +236,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
         stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
-        corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop)
+        corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop, save_checkpoint)
         if not stopped:
             stop.settle(device, engine.global_steps)  # the epoch's last losses, before evaluating and saving
         if stop.diverged_at is not None:
@@ -241,6 +251,7 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
         epoch += 1
         step_in_epoch = 0
         tag = save_checkpoint(f"epoch-{epoch:03d}")
+        stop.saved()
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            train_corrupt=corrupt, epoch_s=time.time() - epoch_start,

@@ -91,6 +91,9 @@ def progress_line(record: dict) -> str | None:
                 f"without requeueing; newest good checkpoint: {record['checkpoint'] or 'none'}")
     if kind == "resume":
         before = record.get("ranks_before", record.get("ranks"))
+        redone = record.get("superseded_steps")
         return (f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
-                + (f", on {record['ranks']} ranks (it ran on {before})" if before != record.get("ranks") else ""))
+                + (f", on {record['ranks']} ranks (it ran on {before})" if before != record.get("ranks") else "")
+                + (f"; steps {redone[0]}-{redone[1]} run again, their new records supersede the earlier ones"
+                   if redone else ""))
     return None

@@ -8,20 +8,29 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 from pipeline.signals import STOP_SIGNALS
 
 
 class StopRequest:
-    """Records SIGUSR2/SIGTERM instead of dying of them, and whether every loss was finite; the ranks agree
-    on a stop step with `poll`."""
+    """Records SIGUSR2/SIGTERM instead of dying of them, whether every loss was finite, and whether a
+    periodic checkpoint is due; the ranks agree on a stop step, and on the step of a periodic checkpoint,
+    with `poll`."""
 
     def __init__(self):
         self.received: str | None = None  # name of the first signal caught on this rank
         self.previous: dict[int, object] = {}  # the handlers ours replaced (submitit's, in its jobs)
         self.diverged_at: int | None = None  # a step by which some rank's loss was not finite
+        self.save_due = False  # every rank: some rank's clock says a periodic checkpoint is due (read by poll)
+        self.save_every_s = 0.0  # seconds between periodic checkpoints; 0: none
+        self._last_save = time.monotonic()
         self._finite = None  # on the device: every loss noted so far was finite
         self._pending = None  # (work, flag, step) of the allreduce started by the last poll
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the next periodic one is due save_every_s from now."""
+        self._last_save, self.save_due = time.monotonic(), False
 
     def install(self) -> StopRequest:
         """Catch the stop signals from now on. In a submitit job this replaces submitit's handler, which
@@ -55,16 +64,20 @@ class StopRequest:
         if self._pending is not None:
             work, flag, sent = self._pending
             work.wait()
-            signalled, diverged = flag.tolist()  # the host read of the previous step's flag: it is done
+            signalled, diverged, due = flag.tolist()  # the host read of the previous step's flag: it is done
             if diverged and self.diverged_at is None:
                 self.diverged_at = sent
             stop = bool(signalled or diverged)
-        # Filled on the device (no copy from the host): [a signal here, a loss that was not finite here]
-        flag = torch.zeros(2, dtype=torch.int32, device=device)
+            self.save_due = self.save_due or bool(due)
+        # Filled on the device (no copy from the host): [a signal here, a loss that was not finite here, a
+        # periodic checkpoint due by this rank's clock]
+        flag = torch.zeros(3, dtype=torch.int32, device=device)
         if self.received is not None:
             flag[0] = 1
         if self._finite is not None:
             flag[1] = (~self._finite).to(torch.int32)
+        if self.save_every_s and time.monotonic() - self._last_save >= self.save_every_s:
+            flag[2] = 1
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag, step)  # any rank's
         return stop
 
@@ -78,7 +91,7 @@ class StopRequest:
         """Requeue this Slurm job (rank 0 only, once the checkpoint is complete): (requeued, what happened)."""
         job = os.environ.get("SLURM_JOB_ID")
         if job is None:  # submitit's local executor installs its handler too, but there is nothing to requeue
-            return False, "not requeued: not a Slurm job"
+            return False, "not requeued (not a Slurm job)"
         submitit_handler = self.previous.get(signal.SIGUSR2)
         if callable(submitit_handler):
             try:  # submitit: pickle the job again, `scontrol requeue`, count timeouts, then sys.exit(-1)
