@@ -18,6 +18,8 @@ FORBIDDEN_KEYS = ("optimizer", "scheduler")
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default, in elements
 # Filled from the config (or checked against it): they follow the cluster's shape.
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# What DeepSpeed reports and times, not how it trains: a run may resume with other values.
+LOGGING_KEYS = ("timers", "steps_per_print", "wall_clock_breakdown")
 
 
 def ds_config_path(cfg: Config) -> Path:
@@ -46,6 +48,12 @@ def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict
     # DeepSpeed clips gradients at 1.0 when the key is absent; the paper clips nothing.
     if ds.setdefault("gradient_clipping", 0.0) != 0:
         errors.append(f"gradient_clipping={ds['gradient_clipping']}; the recipe clips nothing, set it to 0")
+    # DeepSpeed's throughput timer synchronises the device twice a step unless it is off, and it is on where
+    # the key is absent: the host would wait for every step instead of queueing the next.
+    timer = ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False})
+    if timer.get("enabled", True) and timer.get("synchronized", True):
+        errors.append(f"timers.throughput={timer} synchronises the device twice a step; set "
+                      '{"enabled": false} (or "synchronized": false)')
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", 0)
     if stage != 0:

@@ -46,6 +46,13 @@ def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     assert dsconfig.reconcile_ds_config({}, "x.json", cfg, plan)["gradient_clipping"] == 0
 
 
+def test_a_missing_timers_key_turns_deepspeeds_synchronising_throughput_timer_off():
+    cfg, plan = plan_of(config.preset("demo"))
+    assert dsconfig.reconcile_ds_config({}, "x.json", cfg, plan)["timers"] == {"throughput": {"enabled": False}}
+    unsynced = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert dsconfig.reconcile_ds_config(unsynced, "x.json", cfg, plan)["timers"] == unsynced["timers"]
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"optimizer": {"type": "Adam"}}, '"optimizer" must not be set'),
     ({"scheduler": {"type": "WarmupLR"}}, '"scheduler" must not be set'),
@@ -61,6 +68,7 @@ def test_missing_clipping_key_becomes_zero_not_deepspeeds_one():
     ({"zero_optimization": {"reduce_bucket_size": 2.5}}, "reduce_bucket_size=2.5"),
     ({"zero_optimization": {"reduce_bucket_size": float("inf")}}, "reduce_bucket_size=inf"),
     ({"zero_optimization": {"reduce_bucket_size": float("nan")}}, "reduce_bucket_size=nan"),
+    ({"timers": {"throughput": {"enabled": True}}}, "synchronises the device twice a step"),
 ])
 def test_recipe_breaking_keys_are_rejected_naming_the_file(raw, message):
     cfg, plan = plan_of(config.preset("demo"))
@@ -276,3 +284,67 @@ def test_train_iter_records_carry_the_training_error_of_their_window(tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     assert [r["train_err"] for r in records] == [pytest.approx(100 * 3 / 16), pytest.approx(100 * 10 / 16)]
     assert "train_err 18.75%" in metrics.progress_line(records[0])
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Records where every call that makes the host wait for the device comes from: a read of a tensor's
+    value (.item, .tolist, .cpu, .numpy, bool/int/float of a tensor) or a tensor made on a device from Python
+    values (torch.tensor(..., device=...): a host-to-device copy)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS or (func is torch.tensor and kwargs.get("device") is not None):
+            import traceback
+
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+            self.calls.append(f"{os.path.basename(caller.filename)}:{caller.name}")
+        return func(*args, **kwargs)
+
+
+def sync_count_rank(rank: int, port: int, out) -> None:
+    """Six optimizer steps (of two micro-batches) of the demo's model through a real DeepSpeed engine and
+    train_epoch, after a first one, counting the synchronising calls (and the accelerator's own synchronize)
+    made while they run."""
+    import collections
+
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
+                                                         "train.log_every=1000", "train.grad_accum=2"])
+    plan = config.resolve(cfg)
+    device = distributed.init_distributed(cfg)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    batches = [streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)),
+                             [], 0) for _ in range(14)]
+    log = metrics.MetricsLog(out, enabled=False)
+    loop.train_epoch(ds_engine, cfg, plan, iter(batches[:2]), 0, device, log, preempt.StopRequest())  # first use
+    accelerator, synchronized = get_accelerator(), []
+    accelerator.synchronize = lambda *a, **k: synchronized.append(1)  # DeepSpeed's timers would call it
+    with SyncCounter() as counter:
+        loop.train_epoch(ds_engine, cfg, plan, iter(batches[2:]), 0, device, log, preempt.StopRequest())
+    torch.save({"calls": collections.Counter(counter.calls), "synchronize": len(synchronized),
+                "steps": ds_engine.global_steps}, out)
+
+
+def test_a_training_step_makes_no_host_sync_but_the_lagged_read_of_the_stop_flags(tmp_path):
+    """Per optimizer step the host reads one value from the device: the stop flags of the step before,
+    whose allreduce is done by then (on CUDA through a pinned copy and an event: preempt.poll). The loss,
+    the training error and the learning rate stay on the device or on the host until a record is written;
+    DeepSpeed (timers off, no clipping, ZeRO 0) reads nothing. A sync added to the loop, to the engine's
+    step or to DeepSpeed's path fails this test, naming where it came from."""
+    out = tmp_path / "syncs.pt"
+    mp.start_processes(sync_count_rank, args=(pick_port(), out), nprocs=1, start_method="spawn")
+    result = torch.load(out, weights_only=False)
+    assert result["steps"] == 1 + 6
+    # 6 polls, the first with nothing to read; then, once an epoch, the corrupt-sample count (a tensor made
+    # on the device and read back)
+    assert dict(result["calls"]) == {"preempt.py:_read_pending": 5, "loop.py:train_epoch": 2}
+    assert result["synchronize"] == 0

@@ -105,6 +105,16 @@ def test_a_changed_config_is_refused_for_an_existing_run(run):
     changed = submit(*args, "optim.base_lr=0.2", "train.seed=3")
     assert changed.returncode == 2 and "holds another config" in changed.stderr
     assert "optim.base_lr: 0.0125 -> 0.2; train.seed: 0 -> 3" in changed.stderr
+    saved = run_dir / "ds_config.json"
+    original = saved.read_text()
+    try:  # a run started before the JSON turned DeepSpeed's timers off resumes; another optimisation does not
+        saved.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "timers"}))
+        assert submit(*args, "--dry-run").returncode == 0
+        saved.write_text(json.dumps({**json.loads(original), "communication_data_type": "bf16"}))
+        refused = submit(*args, "--dry-run")
+        assert refused.returncode == 2 and "this run was started with in communication_data_type" in refused.stderr
+    finally:
+        saved.write_text(original)
 
 
 @pytest.mark.parametrize("flags, message", [

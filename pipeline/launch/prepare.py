@@ -18,7 +18,7 @@ import submitit
 
 from pipeline import config
 from pipeline.data.manifest import load_index, load_manifest
-from pipeline.dsconfig import BATCH_KEYS, ds_config_path, load_ds_config
+from pipeline.dsconfig import BATCH_KEYS, LOGGING_KEYS, ds_config_path, load_ds_config
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
 from pipeline.train import metrics, model
@@ -75,9 +75,9 @@ def never_trained(run_dir: Path) -> bool:
 
 def check_resume(run: Run, saved: config.Config) -> None:
     """A run folder may be resumed with the same config, or on another cluster shape with the same global
-    batch under indexed access, and with the same DeepSpeed JSON but for its batch keys; anything else
-    that would change the optimisation is refused, naming the keys. (A folder that never trained is not
-    checked: it takes the corrected command's config.)"""
+    batch under indexed access, and with the same DeepSpeed JSON but for its batch and logging keys;
+    anything else that would change the optimisation is refused, naming the keys. (A folder that never
+    trained is not checked: it takes the corrected command's config.)"""
     path = run.run_dir / "config.json"
     changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESHAPE_KEYS)
     if changed:
@@ -89,7 +89,7 @@ def check_resume(run: Run, saved: config.Config) -> None:
                          f"({'; '.join(reshaped)}); resume with the shape it ran on, or use indexed access")
     old = json.loads((run.run_dir / "ds_config.json").read_text())
     keys = sorted(key for key in set(old) | set(run.ds_config)
-                  if key not in BATCH_KEYS and old.get(key) != run.ds_config.get(key))
+                  if key not in BATCH_KEYS + LOGGING_KEYS and old.get(key) != run.ds_config.get(key))
     if keys:
         raise ValueError(f"{ds_config_path(run.cfg)} differs from the "
                          f"{run.run_dir / 'ds_config.json'} this run was started with in {', '.join(keys)}; restore "
@@ -174,6 +174,9 @@ def prepare_run_dir(run: Run) -> None:
         if never_trained(run_dir):
             note = (f"replacing the config of {run_dir}, whose job never took a step ("
                     f"{'; '.join(changed) or 'its DeepSpeed JSON'})")
+        elif not changed and all(old_ds.get(k) == run.ds_config.get(k) for k in set(old_ds) | set(run.ds_config)
+                                 if k not in LOGGING_KEYS):
+            note = f"{run_dir / 'ds_config.json'}: its logging keys ({', '.join(LOGGING_KEYS)}) follow the new JSON"
         else:
             note = (f"resuming on {run.plan.world_size} ranks with train.grad_accum={cfg.train.grad_accum} (it ran on "
                     f"{saved_plan.world_size} with {saved.train.grad_accum}): the same global batch "

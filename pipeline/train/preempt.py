@@ -26,7 +26,7 @@ class StopRequest:
         self.save_every_s = 0.0  # seconds between periodic checkpoints; 0: none
         self._last_save = time.monotonic()
         self._finite = None  # on the device: every loss noted so far was finite
-        self._pending = None  # (work, flag, step) of the allreduce started by the last poll
+        self._pending = None  # (work, flag, step, its host copy on CUDA) of the allreduce started by the last poll
 
     def saved(self) -> None:
         """A checkpoint was just written: the next periodic one is due save_every_s from now."""
@@ -62,11 +62,7 @@ class StopRequest:
 
         stop = False
         if self._pending is not None:
-            work, flag, sent = self._pending
-            work.wait()
-            signalled, diverged, due = flag.tolist()  # the host read of the previous step's flag: it is done
-            if diverged and self.diverged_at is None:
-                self.diverged_at = sent
+            signalled, diverged, due = self._read_pending()
             stop = bool(signalled or diverged)
             self.save_due = self.save_due or bool(due)
         # Filled on the device (no copy from the host): [a signal here, a loss that was not finite here, a
@@ -78,8 +74,34 @@ class StopRequest:
             flag[1] = (~self._finite).to(torch.int32)
         if self.save_every_s and time.monotonic() - self._last_save >= self.save_every_s:
             flag[2] = 1
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag, step)  # any rank's
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)  # all_reduce: any rank's flags
+        copy = None
+        if flag.device.type == "cuda":
+            # The result's copy into pinned host memory, queued behind the allreduce (work.wait() makes the
+            # stream wait for NCCL, not the host), and an event after it: the next poll waits for that event
+            # only, not for the step queued since, which a .tolist() of the device tensor would wait for.
+            work.wait()
+            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            copy = (host, torch.cuda.Event())
+            copy[1].record()
+        self._pending = (work, flag, step, copy)
         return stop
+
+    def _read_pending(self) -> list[int]:
+        """The flags of the previous poll's allreduce, read on the host (records diverged_at): by now it is
+        done, on gloo (the wait returns at once) as on NCCL (the event of its copy has passed)."""
+        work, flag, sent, copy = self._pending
+        if copy is None:  # gloo: the flag is host memory once the work is done
+            work.wait()
+            values = flag.tolist()
+        else:
+            host, event = copy
+            event.synchronize()
+            values = host.tolist()
+        if values[1] and self.diverged_at is None:
+            self.diverged_at = sent
+        return values
 
     def settle(self, device, step: int | None = None) -> bool:
         """Collective, where no step follows (the end of an epoch): True on every rank when any rank has
