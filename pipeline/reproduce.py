@@ -2,8 +2,8 @@
 
     python -m pipeline.reproduce                          # the local study: Fashion-MNIST, 18 runs, ~1 h on 2 cores
     python -m pipeline.reproduce --quick --out runs/quick # 3 short runs: a first look
-    python -m pipeline.reproduce --preset goyal_r50_bs256 --nodes 2 --partition gpu --seeds 5 \\
-        data.shards=/datasets/imagenet-shards             # the paper's study on a cluster, as one job array
+    python -m pipeline.reproduce --preset goyal_r50_bs256 --partition gpu --seeds 5 \\
+        data.shards=/datasets/imagenet-shards             # the paper's study: 45 runs of 8 GPUs, one job array
 
 Rows: kn = 1x, 4x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 -> 32k),
 linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
@@ -30,7 +30,7 @@ from pipeline.study import execute, table
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The job's flags (pipeline.launch.options) and the study's."""
-    parser = options.job_parser("python -m pipeline.reproduce", __doc__, preset="study")
+    parser = options.job_parser("python -m pipeline.reproduce", __doc__, preset="study", sweeps=False)
     parser.add_argument("--out", type=Path, default=Path("runs/study"),
                         help="the study folder: runs/ inside it, the table and figures beside (default runs/study)")
     parser.add_argument("--quick", action="store_true",
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def reproduce(args: argparse.Namespace) -> int:
     """Everything main() does; bad input raises before anything is written or run."""
-    if args.sweep:
-        raise ValueError("--sweep: the study makes its own runs; pass key=value overrides to change every run")
     if args.parallel is not None and args.parallel < 1:
         raise ValueError(f"--parallel {args.parallel} must be at least 1")
     options.check_slurm_args(args)

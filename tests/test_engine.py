@@ -211,6 +211,16 @@ def test_evaluation_counts_stay_on_the_models_device():
     assert counts.device == meta and counts.shape == (3,)
 
 
+def test_the_loss_and_the_counts_see_fp32_logits_of_a_bf16_model():
+    """Under bf16 autocast the logits leave the engine in bf16; a log-softmax over 1,000 classes in bf16 (8 bits
+    of mantissa) would round the loss to ~0.4%."""
+    cfg = config.preset("demo")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 28 * 28, 10)).to(torch.bfloat16)
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    logits = loop.forward(lambda x: net(x.to(torch.bfloat16)), images, cfg, torch.device("cpu"))
+    assert logits.dtype == torch.float32 and logits.shape == (4, 10)
+
+
 def test_hit_counts_counts_top1_top5_and_images():
     logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 0], [0.0, 9, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6, 7]])
     # row 0: top-1 hit; row 1: label 5 is 5th of its top 5; row 2: label 1 is outside its top 5

@@ -15,9 +15,11 @@ OWN_SBATCH_KEYS = {"nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node",
                    "output", "error", "array", "requeue", "open-mode", "ntasks", "gpus"}
 
 
-def job_parser(prog: str, description: str, training: bool = True, preset: str = "demo") -> argparse.ArgumentParser:
+def job_parser(prog: str, description: str, training: bool = True, preset: str = "demo",
+               sweeps: bool = True) -> argparse.ArgumentParser:
     """The flags of a job on the cluster (config, resources, Slurm), shared by submit, reproduce and
-    tune_buckets; the flags of training alone (stop signals, requeues, sweeps) only with `training`."""
+    tune_buckets; the flags of training alone (stop signals, requeues, sweeps) only with `training`, --sweep
+    only with `sweeps` too (a study makes its own runs)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=preset, help=f"config preset: {', '.join(config.PRESETS)} (default {preset})")
@@ -44,11 +46,12 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
         slurm.add_argument("--max-requeues", type=int, default=3,
                            help="time-limit requeues before the job gives up (default 3; preemptions are not "
                                 "counted by submitit)")
-        slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                           help="one run per value (per combination when repeated), submitted as one job array; "
-                                "each run gets a folder inside --run-dir")
+        if sweeps:
+            slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                               help="one run per value (per combination when repeated), submitted as one job array; "
+                                    "each run gets a folder inside --run-dir")
         slurm.add_argument("--array-parallelism", type=int, default=256,
-                           help="sweep runs running at once (default 256)")
+                           help="runs of a job array running at once (default 256)")
     else:  # a measurement: no checkpoint to stop for, nothing to requeue, one job
         parser.set_defaults(signal_delay=90, max_requeues=0, sweep=[], array_parallelism=1)
     slurm.add_argument("--assume-shared", action="store_true",

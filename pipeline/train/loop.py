@@ -36,6 +36,13 @@ def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torc
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
 
+def forward(net, images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    """fp32 logits of a uint8 batch. Under train.precision=bf16, DeepSpeed's autocast ends with the model's
+    forward, so the logits come out in bf16: the loss's log-softmax and the top-k counts use their fp32 copy
+    (inside autocast, cross_entropy would have run in fp32 too)."""
+    return net(model_input(images, cfg, device)).float()
+
+
 def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: torch.device) -> None:
     """Replace BN running statistics with their plain average over `count` training batches ("precise
     BN", as in pycls), instead of the exponential running averages; evaluate() then averages them over
@@ -63,7 +70,7 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-5 correct, images
     for batch in batches:
         labels = batch.labels.to(device, non_blocking=True)
-        counts += hit_counts(engine(model_input(batch.images, cfg, device)), labels)
+        counts += hit_counts(forward(engine, batch.images, cfg, device), labels)
     dist.all_reduce(counts)  # all_reduce: per-rank counts -> global counts
     top1, top5, seen = counts.tolist()
     if int(seen) != num_samples:
@@ -95,7 +102,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         corrupt += batch.corrupt
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        logits = engine(model_input(batch.images, cfg, device))
+        logits = forward(engine, batch.images, cfg, device)
         loss = torch.nn.functional.cross_entropy(logits, labels)
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
         # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
