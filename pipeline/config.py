@@ -94,6 +94,9 @@ class TrainConfig:
     # minutes between periodic checkpoints within an epoch (besides every epoch's end and every stop), so that
     # a crash without a warning loses at most this much; 0: none
     checkpoint_every_min: float = 30.0
+    # torch.compile of the model through DeepSpeed's engine.compile (inductor): faster steps on GPUs after a
+    # compile of a minute or two at the start of every attempt; off by default (docs/gpu.md)
+    compile: bool = False
     precise_bn_batches: int = 0  # 0: evaluate on BN's running averages (paper); N: recompute them on N train batches per rank first
 
 

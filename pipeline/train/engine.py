@@ -62,5 +62,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dic
                                            config=ds_config, dist_init_required=False)
     if channels_last:
         engine.module.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        engine.compile()  # the module compiled in place: the same parameters, so the buckets' hooks still fire
     buckets.attach(engine, ds_config)
     return engine
