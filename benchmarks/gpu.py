@@ -73,45 +73,55 @@ def images_per_second(step, steps: int = 30, warmup: int = 10) -> float:
 
 def resnet50(compiled: bool) -> dict:
     """Ours against plain PyTorch, the same model, optimizer settings, precision and input, in this process."""
-    import torchvision
-
-    from pipeline import config, dsconfig
-    from pipeline.train import distributed, engine, model
+    from pipeline import config
+    from pipeline.train import distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("GPU_BENCH_PORT", "29533"))
     cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), [
         "cluster.gpus_per_node=1", f"train.micro_batch={BATCH}", "train.precision=bf16", "cluster.backend=nccl",
         f"train.compile={str(compiled).lower()}"])
-    plan = config.resolve(cfg)
     device = distributed.init_distributed(cfg)
     x = torch.randn(BATCH, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (BATCH,), device=device)
-    ours = engine.build_engine(model.build(cfg.model).to(device), cfg, plan, dsconfig.load_ds_config(cfg, plan),
+    ours, plain = ours_img_s(cfg, x, y), plain_img_s(compiled, x, y)
+    return {"batch": BATCH, "ours_img_s": ours, "plain_img_s": plain, "ratio": ours / plain}
+
+
+def ours_img_s(cfg, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Training images/s of ResNet-50 through our engine (build_engine: DeepSpeed, our SGD and schedule,
+    the overlapped buckets)."""
+    from pipeline import config, dsconfig
+    from pipeline.train import engine, model
+
+    plan = config.resolve(cfg)
+    ours = engine.build_engine(model.build(cfg.model).to(x.device), cfg, plan, dsconfig.load_ds_config(cfg, plan),
                                channels_last=True)
 
-    def our_step():
+    def step():
         loss = torch.nn.functional.cross_entropy(ours(x).float(), y)
         ours.backward(loss)
         ours.step()
 
-    result = {"batch": BATCH, "ours_img_s": images_per_second(our_step)}
-    del ours
-    torch.cuda.empty_cache()
-    plain = torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+    return images_per_second(step)
+
+
+def plain_img_s(compiled: bool, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Training images/s of torchvision's ResNet-50 with torch's SGD (the same settings) and bf16 autocast."""
+    import torchvision
+
+    plain = torchvision.models.resnet50().to(x.device, memory_format=torch.channels_last)
     forward = torch.compile(plain) if compiled else plain
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
-    def plain_step():
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    result["plain_img_s"] = images_per_second(plain_step)
-    result["ratio"] = result["ours_img_s"] / result["plain_img_s"]
-    return result
+    return images_per_second(step)
 
 
 def imagenet_like_jpeg(seed: int) -> bytes:

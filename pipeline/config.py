@@ -420,7 +420,7 @@ def keep_global_batch(saved: Config, cfg: Config, grad_accum_given: bool) -> Con
     """cfg for resuming a run saved as `saved` on cfg's cluster shape: train.grad_accum derived so that the
     global batch kn stays (unless the overrides set it); raises naming the rank counts that keep kn."""
     ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    if grad_accum_given or ranks == saved.cluster.nodes * saved.cluster.gpus_per_node:
+    if grad_accum_given:
         return cfg
     kn = saved.cluster.nodes * saved.cluster.gpus_per_node * saved.train.micro_batch * saved.train.grad_accum
     n = cfg.train.micro_batch

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from helpers import SMALL, pick_port, run_module, truncate_sample, weight_names
 
 from pipeline import config
 from pipeline.shards import index
-from pipeline.train import checkpoint, distributed, engine, loop, metrics, model, preempt, schedule
+from pipeline.train import checkpoint, distributed, engine, metrics, model, schedule
 
 
 def submit(*args, cwd=None):
@@ -220,22 +219,6 @@ def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
     assert [r["step"] for r in records if r["_type"] == "train_iter"] == list(range(1, 16))
 
 
-def stopped_rank(rank: int, port: int, run_dir, stop_after: int) -> None:
-    """A rank of a prepared 2-rank run; rank 0 alone gets a real SIGUSR2 once step `stop_after` is logged."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    stop = preempt.StopRequest().install()
-    if rank == 0:
-        def signal_later():
-            while not any(r["_type"] == "train_iter" and r["step"] >= stop_after
-                          for r in metrics.read(run_dir / "metrics.jsonl")):
-                time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGUSR2)
-        threading.Thread(target=signal_later, daemon=True).start()
-    with pytest.raises(loop.Stopped):
-        loop.run(run_dir, stop)
-
-
 def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the_same_weights(run, shard_dir, tmp_path):
     """Ctrl-C in the terminal of a local 2-rank run: the launcher alone hears it (its job ignores SIGINT),
     asks the ranks to stop, says where they stopped, once, without a traceback. Resumed by the launcher on 1
@@ -259,9 +242,13 @@ def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the
     refused = submit(*same, "--gpus-per-node", "3")
     assert refused.returncode == 2 and "global batch 16 cannot be kept on 3 ranks" in refused.stderr
     assert "among 1, 2 ranks" in refused.stderr
+    prepared = submit(*same, "--gpus-per-node", "1", "--emit-sbatch", str(tmp_path / "one.sbatch"))
+    assert "resuming on 1 ranks with train.grad_accum=2 (it ran on 2 with 1)" in prepared.stdout
+    starts_from_the_mean_of_the_ranks(run_dir, stop[0]["checkpoint"], tmp_path / "state.pt")
+    other_batch = submit(*same, "--gpus-per-node", "1", "train.grad_accum=4", "--dry-run")
+    assert other_batch.returncode == 2 and "global batch is 16, and this command's would be 32" in other_batch.stderr
     resumed = submit(*same, "--gpus-per-node", "1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming on 1 ranks with train.grad_accum=2 (it ran on 2 with 1)" in resumed.stdout
     assert f"at epoch 0, step {stop[0]['step']}, on 1 ranks (it ran on 2)" in resumed.stdout
     steps = [r["step"] for r in metrics.read(run_dir / "metrics.jsonl") if r["_type"] == "train_iter"]
     assert steps == list(range(1, 31))  # every step once
@@ -288,20 +275,12 @@ def resume_one_rank(rank: int, port: int, run_dir, tag: str, out) -> None:
     torch.save({"buffers": dict(ds_engine.module.named_buffers()), "rng": torch.get_rng_state()}, out)
 
 
-def test_a_smaller_run_starts_from_the_mean_of_the_ranks_bn_statistics(shard_dir, tmp_path):
+def starts_from_the_mean_of_the_ranks(run_dir, tag: str, out) -> None:
     """After a resize, every rank takes the mean of the old ranks' BN running statistics and the RNG state of
     old rank (rank mod old ranks); the weights come from DeepSpeed's one file."""
-    resized = tmp_path / "resized"
-    same = ["--cluster", "local", "--run-dir", str(resized), f"data.shards={shard_dir}", *SMALL]
-    assert submit(*same, "--emit-sbatch", str(tmp_path / "two.sbatch")).returncode == 0
-    mp.start_processes(stopped_rank, args=(pick_port(), resized, 3), nprocs=2, start_method="spawn")
-    prepared = submit(*same, "--gpus-per-node", "1", "--emit-sbatch", str(tmp_path / "one.sbatch"))
-    assert prepared.returncode == 0 and "resuming on 1 ranks with train.grad_accum=2" in prepared.stdout
-    tag = next(r["checkpoint"] for r in metrics.read(resized / "metrics.jsonl") if r["_type"] == "stop")
-    old = [torch.load(resized / "checkpoints" / tag / f"rank{r:05d}_state.pt", weights_only=False) for r in (0, 1)]
-    mp.start_processes(resume_one_rank, args=(pick_port(), resized, tag, tmp_path / "state.pt"), nprocs=1,
-                       start_method="spawn")
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    old = [torch.load(run_dir / "checkpoints" / tag / f"rank{r:05d}_state.pt", weights_only=False) for r in (0, 1)]
+    mp.start_processes(resume_one_rank, args=(pick_port(), run_dir, tag, out), nprocs=1, start_method="spawn")
+    state = torch.load(out, weights_only=False)
     means = [name for name in state["buffers"] if name.endswith("running_mean")]
     assert means and not torch.equal(old[0]["buffers"][means[0]], old[1]["buffers"][means[0]])
     for name, value in state["buffers"].items():

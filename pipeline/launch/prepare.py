@@ -83,6 +83,11 @@ def check_resume(run: Run, saved: config.Config) -> None:
     if changed:
         raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "
                          "run, or the same settings to resume this one")
+    kn = saved.cluster.nodes * saved.cluster.gpus_per_node * saved.train.micro_batch * saved.train.grad_accum
+    if run.plan.global_batch != kn:
+        raise ValueError(f"{path}: the run's global batch is {kn}, and this command's would be {run.plan.global_batch} "
+                         "(ranks x train.micro_batch x train.grad_accum); drop train.grad_accum to keep it, or pass a "
+                         "new --run-dir")
     reshaped = config.differences(config.to_dict(saved), config.to_dict(run.cfg))
     if reshaped and config.loader_mode(run.cfg.data) == "stream":
         raise ValueError(f"{path}: with data.access=stream the batches depend on the cluster's shape "
