@@ -199,16 +199,29 @@ def test_weight_decay_does_not_scale_with_the_batch():
         assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
 
 
-def test_evaluation_counts_stay_on_the_models_device():
+def test_the_per_batch_arithmetic_stays_on_the_models_device():
     """The meta device stands in for a GPU here (none is needed): an operand made on the CPU, such as
-    torch.tensor(len(labels)), fails in torch.stack beside meta tensors as it would beside CUDA ones."""
+    torch.tensor(len(labels)), fails in torch.stack beside meta tensors as it would beside CUDA ones. Input
+    normalisation, the forward, the training window's sums, the evaluation counts and the finite-loss flag run
+    here on meta. What cannot: the collectives (gloo takes CPU tensors only), DeepSpeed's engine, and precise
+    BN (torch's cumulative BN average reads num_batches_tracked on the host, which meta tensors refuse and
+    CUDA ones allow, with a sync per BN layer and batch)."""
     cfg = config.preset("demo")
     meta = torch.device("meta")
-    net = model.build(cfg.model).to(meta).eval()
+    net = model.build(cfg.model).to(meta)
     images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (4,)).to(meta)
+    logits = loop.forward(net, images, cfg, meta)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    window = torch.zeros(4, dtype=torch.float64, device=meta)
+    window += loop.window_sums(loss, logits, labels)
+    stop = preempt.StopRequest()
+    stop.note_loss(loss)
+    stop.note_loss(loss)
     counts = torch.zeros(3, dtype=torch.float64, device=meta)
-    counts += loop.hit_counts(net(loop.model_input(images, cfg, meta)), torch.randint(0, 10, (4,)).to(meta))
-    assert counts.device == meta and counts.shape == (3,)
+    counts += loop.hit_counts(loop.forward(net.eval(), images, cfg, meta), labels)
+    assert window.device == counts.device == stop._finite.device == meta
+    assert window.shape == (4,) and counts.shape == (3,)
 
 
 def test_the_loss_and_the_counts_see_fp32_logits_of_a_bf16_model():

@@ -62,6 +62,12 @@ def hit_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_full((), labels.shape[0])]).double()
 
 
+def window_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[loss, top-1 hits, top-5 hits, images] of a micro-batch, float64 on the logits' device: what a
+    train_iter record sums over its window, without a host sync."""
+    return torch.cat([loss.detach().double().view(1), hit_counts(logits.detach(), labels)])
+
+
 @torch.no_grad()
 def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.device) -> dict:
     """Top-1/top-5 error on the whole validation split, each image counted once across ranks."""
@@ -111,7 +117,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         lr = engine.get_lr()[0]
         before = engine.global_steps
         engine.step()
-        window += torch.cat([loss.detach().double().view(1), hit_counts(logits.detach(), labels)])
+        window += window_sums(loss, logits, labels)
         window_n += 1
         step = engine.global_steps
         if step == before:  # inside an accumulation window: no optimizer step yet
