@@ -52,12 +52,13 @@ def in_flight(run: Run) -> bool:
     """Whether a job submitted for the run is still queued or running: its Slurm job, or the process of a
     local one (an earlier study command that was killed leaves its local runs training)."""
     path = run.run_dir / status.SUBMITTED
-    if path.is_file() and json.loads(path.read_text())["cluster"] == "local":
+    submitted = json.loads(path.read_text()) if path.is_file() else {}
+    if submitted.get("cluster") == "local":
         try:
-            os.kill(int(json.loads(path.read_text())["job_id"]), 0)
+            os.kill(int(submitted["job_id"]), 0)  # signal 0: is the job's controller process alive?
         except (ProcessLookupError, ValueError):
             return False
-        except PermissionError:
+        except PermissionError:  # alive, and someone else's
             return True
         return True
     job = status.slurm_job(run.run_dir, metrics.read(run.run_dir / "metrics.jsonl"))
@@ -95,9 +96,12 @@ def train_locally(args: argparse.Namespace, runs: list[Run], options: dict, para
                     job.results()
                     outcome = report.read(run.run_dir)
                 except submitit.core.utils.FailedJobError as err:
-                    failed.append(run.run_dir.name)
-                    last = str(err).strip().splitlines()[-1]
-                    outcome = f"FAILED ({last}); rank logs in {run.run_dir / 'submitit'}"
+                    if table.run_state(run.run_dir) == "diverged":  # a result of the study, not a failure
+                        outcome = "diverged (a loss that was not finite): the table counts it as such"
+                    else:
+                        failed.append(run.run_dir.name)
+                        last = str(err).strip().splitlines()[-1]
+                        outcome = f"FAILED ({last}); rank logs in {run.run_dir / 'submitit'}"
                 print(f"[{done}/{total}] {run.run_dir.name}: {outcome}; study {metrics.duration(time.time() - started)}"
                       f", about {metrics.duration(eta)} to go", flush=True)
     except KeyboardInterrupt:
