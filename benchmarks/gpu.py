@@ -238,7 +238,8 @@ def demo_bf16(work: Path) -> dict:
     convert(work / "demo-images", work / "demo-shards", workers=os.cpu_count())
     started = time.time()
     launcher = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     while not any(r["_type"] == "train_iter" and r["step"] >= 400 for r in run_records(work / "demo")):
         if launcher.poll() is not None:
             raise RuntimeError(f"the demo ended before step 400: {launcher.communicate()[1][-2000:]}")

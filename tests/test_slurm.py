@@ -218,6 +218,21 @@ def test_sweep_is_one_job_array_with_a_run_folder_each(slurm, shard_dir, tmp_pat
     assert shown.returncode == 0 and shown.stdout.count("epoch 1/1 done") == 2, shown.stdout + shown.stderr
 
 
+def test_the_quick_study_on_slurm_is_one_job_array_and_writes_its_table(slurm, shard_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ["--quick", "--cluster", "slurm", "--time", "10", "--out", str(out), f"data.shards={shard_dir}",
+            *[o for o in SMALL if not o.startswith("train.log_every")]]
+    result = run_module("pipeline.reproduce", *args, "--wait", timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = json.loads((out / "runs" / "sweep.json").read_text())["runs"]
+    assert [r["folder"] for r in runs] == ["kn1x-seed0", "kn4x-seed0", "kn4x-no-warmup-seed0"]
+    assert len({r["job_id"].split("_")[0] for r in runs}) == 1  # one job array
+    table = json.loads((out / "table1.json").read_text())
+    assert all(run["state"] == "finished" for row in table["rows"] for run in row["runs"])
+    again = run_module("pipeline.reproduce", *args, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "3 of 3 runs already ended (kept), 0 to train" in again.stdout, again.stderr
+
+
 def test_shards_array_script_on_slurm(slurm, image_tree, shard_dir, weird_root):
     """slurm/shards.sbatch as a 3-task array, then the merge: the same manifest as a one-process run."""
     out = weird_root / "array shards"

@@ -227,8 +227,11 @@ def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the
     reference, args, _ = run
     run_dir = tmp_path / "resized"
     same = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL]
+    # A terminal's foreground process: SIGINT at its default (a test runner started in the background, as
+    # `cmd &` in a script, hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt)
     launcher = subprocess.Popen([sys.executable, "-m", "pipeline.submit", *same], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not any(r["_type"] == "train_iter" and r["step"] >= 5 for r in metrics.read(run_dir / "metrics.jsonl")):
         assert launcher.poll() is None, launcher.communicate()
         time.sleep(0.05)
