@@ -108,6 +108,10 @@ class ClusterConfig:
     gpus_per_node: int = 1  # = tasks per node; on CPU, processes per node
     backend: str = "auto"  # torch.distributed backend: auto = nccl with CUDA, gloo without
     cpus_per_task: int = 1  # also OMP_NUM_THREADS of every rank
+    # seconds a rank waits in a collective (an allreduce, a barrier) before it fails instead of hanging: a rank
+    # that stopped answering ends the job, which is then requeued (docs/preemption.md). Longer than the
+    # slowest checkpoint save, which the other ranks wait for at a barrier.
+    collective_timeout_s: int = 1800
 
 
 def loader_mode(data: DataConfig) -> str:
@@ -314,6 +318,7 @@ def resolve(cfg: Config) -> Plan:
         ("data.shuffle_buffer", cfg.data.shuffle_buffer),
         ("data.prefetch", cfg.data.prefetch),
         ("data.timeout_s", cfg.data.timeout_s),
+        ("cluster.collective_timeout_s", cfg.cluster.collective_timeout_s),
     ):
         if value < 1:
             errors.append(f"{key}={value} must be at least 1")
@@ -401,19 +406,24 @@ def to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-# What may change when a run resumes on another cluster shape with the same global batch: with indexed
-# access the micro-batches, their order and their crops do not depend on these (pipeline.data.order).
+# What may change when a run resumes: the cluster's shape, with the same global batch (with indexed access the
+# micro-batches, their order and their crops do not depend on it: pipeline.data.order), and the collective timeout.
 RESHAPE_KEYS = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpus_per_task", "train.grad_accum",
-                          "data.workers"})
+                          "data.workers", "cluster.collective_timeout_s"})
 
 
 def differences(old: dict, new: dict, ignore: typing.Collection[str] = ()) -> list[str]:
     """'section.key: old -> new' for every key whose value differs between two to_dict() configs, but the
-    dotted keys in `ignore`."""
-    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new.get(section, {}).get(key)!r}"
+    dotted keys in `ignore`. A key that one side lacks (saved before the key existed) counts as its default."""
+    defaults = to_dict(Config())
+
+    def value(cfg: dict, section: str, key: str):
+        return cfg.get(section, {}).get(key, defaults.get(section, {}).get(key))
+
+    return [f"{section}.{key}: {value(old, section, key)!r} -> {value(new, section, key)!r}"
             for section in sorted(set(old) | set(new))
             for key in sorted(set(old.get(section, {})) | set(new.get(section, {})))
-            if old.get(section, {}).get(key) != new.get(section, {}).get(key) and f"{section}.{key}" not in ignore]
+            if value(old, section, key) != value(new, section, key) and f"{section}.{key}" not in ignore]
 
 
 def keep_global_batch(saved: Config, cfg: Config, grad_accum_given: bool) -> Config:

@@ -181,3 +181,34 @@ def test_bf16_runs_convolutions_in_bf16_on_fp32_weights(shard_dir, tmp_path, fre
     result = torch.load(tmp_path / "bf16.pt")
     assert result["seen"] == {"conv": torch.bfloat16}
     assert result["weights"] == {torch.float32} and result["steps"] == 1  # fp32 weights and BN statistics
+
+
+def silent_rank_main(rank, port, out):
+    """Rank 0 waits in an allreduce that rank 1 never joins; rank 1 waits for rank 0's message, then leaves."""
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), ["cluster.collective_timeout_s=2"])
+    distributed.init_distributed(cfg)
+    if rank == 1:
+        while not out.exists():
+            time.sleep(0.1)
+        return
+    try:
+        with distributed.collectives_explained(cfg.cluster.collective_timeout_s):
+            dist.all_reduce(torch.ones(3))
+    except RuntimeError as err:
+        out.write_text(str(err))
+    else:
+        out.write_text("the allreduce returned")
+
+
+def test_a_rank_that_stops_answering_fails_the_others_after_the_collective_timeout(tmp_path, free_port):
+    out = tmp_path / "message"
+    mp.start_processes(silent_rank_main, args=(free_port, out), nprocs=2, start_method="spawn")
+    message = out.read_text()
+    assert message.startswith("rank 0: a collective failed (") and "Timed out waiting 2000ms" in message, message
+    assert "cluster.collective_timeout_s=2 s" in message and "requeued" in message

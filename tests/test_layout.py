@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # The programs users run: thin, and imported by nothing.
-COMMAND_LINES = {"pipeline.submit", "pipeline.tune_buckets", "pipeline.rank", "pipeline.reproduce",
+COMMAND_LINES = {"pipeline.submit", "pipeline.tune_buckets", "pipeline.rank", "pipeline.reproduce", "pipeline.requeue",
                  "pipeline.data.__main__", "pipeline.shards.__main__", "pipeline.scaling.__main__"}
 # Layers, lowest first: a module imports only from lower layers, or from its own stage package.
 LAYERS = [

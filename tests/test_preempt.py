@@ -106,3 +106,37 @@ def test_checkpoints_are_kept_by_global_step_and_unfinished_saves_removed(tmp_pa
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["epoch-002", "step-0000040", "step-0000045"]
     checkpoint.prune(ckpt, keep=0)  # keep all: only unfinished saves go
     assert len([d for d in ckpt.iterdir() if d.is_dir()]) == 3
+
+
+def test_a_failed_job_step_is_requeued_only_where_it_helps(tmp_path, monkeypatch):
+    """pipeline.requeue after a job step that failed: a finished, a diverged run and an attempt without a
+    step are not requeued; one that trained is (scontrol itself is exercised on the real Slurm), within
+    --max-requeues."""
+    from pipeline import requeue
+    from pipeline.train import metrics
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write("start", job_id="41", restarts=0)
+    log.write("train_iter", step=1)
+    log.write("start", job_id="41", restarts=1)  # this attempt
+    assert requeue.decide(tmp_path, 3) == (False, "this attempt failed before its first step: a requeue would "
+                                                  "fail the same way")
+    log.write("train_iter", step=2)
+    assert requeue.decide(tmp_path, 1) == (False, "not requeued: job 41 was requeued 1 times already "
+                                                  "(--max-requeues 1)")
+    log.write("diverged", step=2)
+    assert requeue.decide(tmp_path, 3)[1].startswith("the run diverged")
+    (tmp_path / "report.json").write_text("{}")
+    assert requeue.decide(tmp_path, 3) == (False, "the run had finished")
+
+
+def test_the_failed_record_names_the_tasks_srun_reported_in_this_attempt(tmp_path):
+    from pipeline import requeue
+
+    log = tmp_path / "srun.log"
+    log.write_text(f"{requeue.ATTEMPT} 0\nsrun: error: n2: task 1: Killed\n{requeue.ATTEMPT} 1\nstep 5\n"
+                   "srun: error: n1: task 0: Exited with exit code 1\nsrun: error: n2: tasks 2-3: Killed\n")
+    assert requeue.dead_tasks(log) == ["task 0: Exited with exit code 1", "tasks 2-3: Killed"]
+    assert requeue.dead_tasks(tmp_path / "absent.log") == [] and requeue.dead_tasks(None) == []

@@ -20,9 +20,11 @@ def render_8k(**kwargs):
 
 
 def srun_argv(text: str) -> list[str]:
-    """The srun command of a rendered script, continuation lines joined, split as bash would."""
+    """The srun command of a rendered script, continuation lines joined, split as bash would, up to the
+    redirection of srun's own stderr."""
     joined = text.replace("\\\n", " ")
-    return shlex.split(next(line for line in joined.splitlines() if line.startswith("srun ")))
+    argv = shlex.split(next(line for line in joined.splitlines() if line.startswith("srun ")))
+    return argv[:argv.index("2>")]
 
 
 def test_matches_golden_file():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +132,47 @@ def test_usr2_mid_epoch_checkpoints_requeues_and_finishes_like_the_uninterrupted
     assert_same_state(final_state(run_dir), final_state(reference))
     want = {r["step"]: r["loss"] for r in steps(reference)}
     assert {r["step"]: r["loss"] for r in steps(run_dir)} == pytest.approx(want, abs=1e-6)
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the run's rank processes (submitit's, under srun), found in /proc."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in argv and str(run_dir / "submitit").encode() in argv:
+            ranks = [int(e.partition(b"=")[2]) for e in env if e.startswith(b"SLURM_PROCID=")]
+            found[ranks[0]] = int(proc.name)
+    return found
+
+
+def test_a_rank_killed_without_warning_is_requeued_and_ends_with_the_uninterrupted_weights(reference, shard_dir,
+                                                                                          tmp_path):
+    """SIGKILL to rank 1 at a random step: srun ends the job step, pipeline.requeue requeues the job, which
+    resumes from the newest complete checkpoint (a periodic one every 3 s, or an epoch's) and ends with the
+    weights and losses of the uninterrupted run, bit for bit."""
+    run_dir = tmp_path / "killed"
+    at = random.randint(40, 240)
+    result = submit("--cluster", "slurm", "--time", "10", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *LONG,
+                    "train.checkpoint_every_min=0.05")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = submitted_job(run_dir)
+    wait_until(lambda: len(steps(run_dir)) >= at, 180, f"step {at}", run_dir)
+    os.kill(rank_pids(run_dir)[1], signal.SIGKILL)
+    wait_until(lambda: steps(run_dir, "resume"), 240, f"the resume of the job killed at step {at}", run_dir)
+    wait_until(lambda: not in_queue(job), 300, "the end of the requeued job", run_dir)
+    (failed,) = steps(run_dir, "failed")
+    assert failed["requeued"] and failed["exit_code"] != 0, failed
+    assert any(task.startswith("task 1: Killed") for task in failed["tasks"]), failed
+    assert len(steps(run_dir, "resume")) == 1 and steps(run_dir, "start")[-1]["restarts"] == 1
+    last = {r["step"]: r["loss"] for r in steps(run_dir)}  # a step trained again supersedes its first record
+    assert last == {r["step"]: r["loss"] for r in steps(reference)}, f"killed at step {at}"
+    got, want = final_state(run_dir), final_state(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), f"killed at step {at}"
+    assert (run_dir / "report.json").is_file()
 
 
 def test_sbatch_template_on_two_nodes_survives_a_short_time_limit(reference, shard_dir, tmp_path):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pipeline.dsconfig import BATCH_KEYS, LOGGING_KEYS, ds_config_path, load_ds_
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
 from pipeline.train import metrics, model
+from pipeline.train.preempt import ATTEMPT
 
 DEMO_IMAGES = Path("data/fashion-mnist")
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
@@ -88,7 +90,8 @@ def check_resume(run: Run, saved: config.Config) -> None:
         raise ValueError(f"{path}: the run's global batch is {kn}, and this command's would be {run.plan.global_batch} "
                          "(ranks x train.micro_batch x train.grad_accum); drop train.grad_accum to keep it, or pass a "
                          "new --run-dir")
-    reshaped = config.differences(config.to_dict(saved), config.to_dict(run.cfg))
+    reshaped = config.differences(config.to_dict(saved), config.to_dict(run.cfg),
+                                  ignore={"cluster.collective_timeout_s"})
     if reshaped and config.loader_mode(run.cfg.data) == "stream":
         raise ValueError(f"{path}: with data.access=stream the batches depend on the cluster's shape "
                          f"({'; '.join(reshaped)}); resume with the shape it ran on, or use indexed access")
@@ -267,7 +270,13 @@ def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, na
     executor.update_parameters(nodes=cfg.cluster.nodes, tasks_per_node=cfg.cluster.gpus_per_node, gpus_per_node=gpus,
                                cpus_per_task=cfg.cluster.cpus_per_task, timeout_min=args.time, name=name)
     if executor.cluster == "slurm":
-        # One failed rank ends the whole step at once instead of leaving the others blocked in a collective.
+        # One failed rank ends the whole step at once instead of leaving the others blocked in a collective;
+        # then pipeline.requeue, with srun's exit status, requeues a job that failed mid-run (submitit requeues
+        # on time limits and preemption only). The line before srun marks the attempt in srun's log.
+        requeue = [shlex.quote(sys.executable), "-m", "pipeline.requeue", "--submitit", shlex.quote(str(folder)),
+                   "--exit-code", "$?", "--max-requeues", str(args.max_requeues)]
         executor.update_parameters(slurm_signal_delay_s=args.signal_delay, slurm_srun_args=["--kill-on-bad-exit=1"],
-                                   slurm_additional_parameters=options, slurm_array_parallelism=args.array_parallelism)
+                                   slurm_additional_parameters=options, slurm_array_parallelism=args.array_parallelism,
+                                   slurm_setup=[f'echo "{ATTEMPT} ${{SLURM_RESTART_COUNT:-0}}" >&2'],
+                                   slurm_teardown=[" ".join(requeue)])
     return executor

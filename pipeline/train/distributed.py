@@ -3,7 +3,9 @@ the collective that makes BatchNorm statistics the same on every rank."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import datetime
 import os
 
 import deepspeed
@@ -35,8 +37,31 @@ def init_distributed(cfg: Config) -> torch.device:
     else:
         device = torch.device("cpu")
         keep_freed_memory()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                               timeout=datetime.timedelta(seconds=cfg.cluster.collective_timeout_s))
     return device
+
+
+@contextlib.contextmanager
+def collectives_explained(timeout_s: int):
+    """A failed collective re-raised with what it means. torch reports a gloo timeout or a dead peer as a bare
+    RuntimeError ("Timed out waiting 1800000ms for recv operation to complete", "Connection closed by peer"),
+    and NCCL's as a DistError, neither naming the setting or what comes next."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not isinstance(err, dist.DistError) and not any(s in text for s in COLLECTIVE_FAILURES):
+            raise
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: a collective failed ({text.strip().splitlines()[0]}): another rank died, or did "
+            f"not answer for cluster.collective_timeout_s={timeout_s} s. On Slurm, srun's 'task N:' line in the job's "
+            "log names a rank that died, and the job is requeued (python -m pipeline.requeue) to resume from the "
+            "newest complete checkpoint") from err
+
+
+# How gloo's transport words a timeout and a peer that went away (torch raises them as plain RuntimeErrors)
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
 
 
 def keep_freed_memory() -> None:

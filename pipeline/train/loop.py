@@ -21,7 +21,7 @@ from pipeline.data.manifest import load_index, load_manifest
 from pipeline.data.streams import EvalStream, train_stream
 from pipeline.data.workers import loader
 from pipeline.train import checkpoint, metrics, model, preempt, report
-from pipeline.train.distributed import average_bn_statistics, init_distributed, is_primary
+from pipeline.train.distributed import average_bn_statistics, collectives_explained, init_distributed, is_primary
 from pipeline.train.engine import build_engine
 from pipeline.train.schedule import lr_at
 
@@ -196,6 +196,13 @@ def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: in
     run_dir = Path(run_dir)
     cfg, plan = load_run_config(run_dir)
     device = init_distributed(cfg)
+    with collectives_explained(cfg.cluster.collective_timeout_s):
+        return train(run_dir, cfg, plan, device, stop, max_requeues)
+
+
+def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: preempt.StopRequest,
+          max_requeues: int) -> dict:
+    """run() once torch.distributed is up."""
     log = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=is_primary())
     train_manifest = load_manifest(cfg.data.shards, "train")
     val_manifest = load_manifest(cfg.data.shards, "val")

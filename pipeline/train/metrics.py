@@ -89,6 +89,9 @@ def progress_line(record: dict) -> str | None:
     if kind == "diverged":
         return (f"diverged: the loss was not finite by step {record['step']} (lr {record['lr']:.4g}); the run stopped "
                 f"without requeueing; newest good checkpoint: {record['checkpoint'] or 'none'}")
+    if kind == "failed":
+        return (f"job {record['job_id']} failed (srun exit status {record['exit_code']}"
+                + "".join(f"; {task}" for task in record["tasks"]) + f"): {record['reason']}")
     if kind == "resume":
         before = record.get("ranks_before", record.get("ranks"))
         redone = record.get("superseded_steps")

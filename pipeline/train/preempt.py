@@ -12,6 +12,9 @@ import time
 
 from pipeline.signals import STOP_SIGNALS
 
+# What the job scripts write to srun's log before each attempt, so that pipeline.requeue reads only its own
+ATTEMPT = "pipeline.requeue: attempt"
+
 
 class StopRequest:
     """Records SIGUSR2/SIGTERM instead of dying of them, whether every loss was finite, and whether a
@@ -123,10 +126,17 @@ class StopRequest:
             except Exception as err:  # too many timeouts, or scontrol refused (a cancelled job)
                 return False, f"not requeued: {err}"
             return False, "not requeued: submitit's handler returned"
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        if restarts >= max_requeues:
-            return False, f"not requeued: job {job} was requeued {restarts} times already (--max-requeues {max_requeues})"
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            return False, f"not requeued: scontrol requeue {job} failed: {result.stderr.strip()}"
-        return True, f"requeued job {job} ({restarts + 1} of at most {max_requeues} requeues)"
+        return requeue_job(max_requeues)
+
+
+def requeue_job(max_requeues: int) -> tuple[bool, str]:
+    """`scontrol requeue` this Slurm job unless Slurm has requeued it max_requeues times already (it counts
+    them in SLURM_RESTART_COUNT): (requeued, what happened)."""
+    job = os.environ["SLURM_JOB_ID"]
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if restarts >= max_requeues:
+        return False, f"not requeued: job {job} was requeued {restarts} times already (--max-requeues {max_requeues})"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        return False, f"not requeued: scontrol requeue {job} failed: {result.stderr.strip()}"
+    return True, f"requeued job {job} ({restarts + 1} of at most {max_requeues} requeues)"
