@@ -333,6 +333,21 @@ def test_train_decode_full_crop_is_the_resized_photo(side):
     assert flips == {True, False}  # horizontal flip, both ways
 
 
+def test_decode_full_gives_torchcodecs_pixels_and_the_fallback_the_same_without_a_warning(monkeypatch):
+    """torchcodec decodes (scripts/install.sh installs it); where it is missing, torchvision's decoder gives the
+    same pixels, and its deprecation warning does not reach the user."""
+    import warnings
+
+    photo = open(PHOTO, "rb").read()
+    assert decode.torchcodec_decode_jpeg is not None
+    ours = decode.decode_full(photo)
+    assert torch.equal(ours, decode.torchcodec_decode_jpeg(torch.frombuffer(bytearray(photo), dtype=torch.uint8)))
+    monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(decode.decode_full(photo), ours)
+
+
 def test_train_crops_vary_in_scale_and_aspect():
     cfg = imagenet_cfg()
     photo = open(PHOTO, "rb").read()

@@ -4,7 +4,6 @@ normalisation that happens later on the device (paper 5.1)."""
 from __future__ import annotations
 
 import functools
-
 import io
 import math
 import warnings
@@ -18,29 +17,38 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import DataConfig
 
+try:  # torchcodec >= 0.16 needs torch >= 2.11: optional (pip install goyal-pipeline[decode]); scripts/install.sh pins it
+    from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+except ImportError:
+    torchcodec_decode_jpeg = None
+
 # What PIL raises on a truncated, empty or non-image file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random-resized crop (paper 5.1, Szegedy et al.)
 
 
 def decode_full(jpeg: bytes) -> torch.Tensor:
-    """uint8 [3, H, W] RGB at full size, by torchvision's decoder (libjpeg-turbo, straight into a tensor);
-    RuntimeError when it refuses the file.
+    """uint8 [3, H, W] RGB at full size (libjpeg-turbo, straight into a tensor); RuntimeError when the decoder
+    refuses the file.
 
-    torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency yet); they still
-    work and are the fastest full-size decoder here. The warning is silenced for this call only, so
-    importing this module changes no global warning filter."""
+    The one place that picks the decoder: torchcodec's decode_jpeg where it is installed (the ecosystem's
+    library, in favour of which torchvision 0.29 deprecates its own decoders; the same pixels, and no slower),
+    else torchvision's, whose deprecation warning is silenced for this call only, so that importing this
+    module changes no global warning filter. A future removal from torchvision touches nothing else."""
+    data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    if torchcodec_decode_jpeg is not None:
+        return torchcodec_decode_jpeg(data, mode="RGB")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated")
-        return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
 def _pixels(jpeg: bytes, image: Image.Image, shrink: float) -> tuple[torch.Tensor, float, float]:
     """uint8 [3, H, W] (a channels_last view) and its (x, y) scale against the full image.
 
     When the crop lets the image be `shrink` >= 2 times smaller, PIL's draft decodes it at 1/2, 1/4 or
-    1/8 size inside the DCT (4-64x fewer pixels); otherwise torchvision's decoder, the fastest full-size
-    one here (libjpeg-turbo, straight into a tensor). A file torchvision refuses gets PIL's full decode,
+    1/8 size inside the DCT (4-64x fewer pixels); otherwise decode_full, the fastest full-size decoder
+    here (libjpeg-turbo, straight into a tensor). A file decode_full refuses gets PIL's full decode,
     so a sample is corrupt only when PIL cannot read it either (the converter checked it with PIL).
     """
     width, height = image.size
