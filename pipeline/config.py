@@ -52,8 +52,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD and the linear scaling rule."""
+    """The optimizer and the linear scaling rule."""
 
+    # "sgd": torch's SGD with momentum (the paper); "lars": layer-wise adaptive rate scaling (You et al. 2017,
+    # timm's Lars) for kn past the paper's 8k, where its recipe's error climbs (docs/large-batch.md)
+    kind: str = "sgd"
     base_lr: float = 0.1  # lr at reference_batch images per step (paper 2.1: 0.1 per 256)
     reference_batch: int = 256  # images per step at which base_lr holds; peak lr = base_lr * kn / this
     # "linear": peak lr = base_lr * kn / reference_batch (paper 2.1); "sqrt": base_lr * sqrt(kn / reference_batch),
@@ -64,6 +67,9 @@ class OptimConfig:
     weight_decay: float = 1e-4  # on conv and FC weights (paper 5.1)
     weight_decay_bn: bool = False  # decay BN gamma/beta too (paper 5.1: no)
     weight_decay_bias: bool = False  # decay biases (the FC bias) too
+    # optim.kind=lars: the trust coefficient eta of each layer's rate, lr x eta ||w|| / (||g|| + wd ||w||)
+    # (You et al. 2017 and the MLPerf ResNet-50 reference: 0.001)
+    trust_coefficient: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,9 @@ class ScheduleConfig:
     warmup_epochs: float = 5.0  # paper 2.2: ramp base_lr -> peak lr, linearly per iteration (only when kn > ref)
     milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs where the lr is multiplied by gamma (paper 5.1)
     gamma: float = 0.1
-    kind: str = "step"  # "step": x gamma at each milestone (paper 5.1); "cosine": half-cosine from peak to 0 after warmup
+    # "step": x gamma at each milestone (paper 5.1); "cosine": half-cosine from the peak to 0 after the warmup;
+    # "poly": peak x (1 - progress)^2 after the warmup, to 0 at the last step (the LARS recipes' decay)
+    kind: str = "step"
     # "gradual": base_lr -> peak lr, a constant amount every iteration (paper 2.2); "constant": base_lr for the
     # warmup epochs, then the peak (the paper's ablation: 25.88% error at 8k, worse than no warmup's 24.84%)
     warmup: str = "gradual"
@@ -88,6 +96,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (emulates a larger kn)
     precision: str = "fp32"  # fp32 (paper) or bf16 (GPU); picks ds_configs/<precision>.json
     ds_config: str = ""  # DeepSpeed JSON; empty means ds_configs/<precision>.json of this project
+    # the cross-entropy's target puts 1 - s on the label and s spread over all classes (0: none, the paper;
+    # 0.1 in the LARS recipes past 8k)
+    label_smoothing: float = 0.0
     seed: int = 0  # seeds the model init and the per-epoch data permutation
     log_every: int = 50  # optimizer steps between train_iter records
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk, by global step; 0 keeps all
@@ -146,6 +157,29 @@ def _goyal_r50_bs8k() -> Config:
     return Config(cluster=ClusterConfig(nodes=32, gpus_per_node=8, cpus_per_task=10))
 
 
+def _lars_r50_bs32k() -> Config:
+    """kn = 32768 on 128 nodes x 8 GPUs x 32, past the paper's 8k, with the MLPerf ResNet-50 reference's LARS
+    recipe for that batch: tensorflow/models, official/r1/resnet/resnet_run_loop.py (poly_rate_fn and
+    resnet_model_fn with --enable_lars, the reference of MLPerf Training v0.5-v0.6), at batch >= 32768:
+
+    - LARS (tf.contrib.opt.LARSOptimizer: trust coefficient 0.001, momentum 0.9, not Nesterov), BN
+      parameters and biases skipped (neither adapted nor decayed), weight decay 1e-4;
+    - peak lr 32 reached by a linear warmup over 14 epochs, then a polynomial decay of power 2 over the rest of
+      90 epochs;
+    - label smoothing 0.1 (its --label_smoothing flag, as MLPerf's ResNet-50 submissions set it).
+
+    Here the warmup starts at base_lr = 32 / 128 = 0.25 (ours starts at the reference rate, theirs at 0) and
+    the decay ends at 0 (theirs at 1e-4). Everything else is the paper's recipe: n = 32 per GPU for BN,
+    zero-gamma, FC init, the data.
+    """
+    return Config(
+        optim=OptimConfig(kind="lars", base_lr=0.25, nesterov=False, trust_coefficient=0.001),
+        schedule=ScheduleConfig(kind="poly", warmup_epochs=14.0),
+        train=TrainConfig(label_smoothing=0.1),
+        cluster=ClusterConfig(nodes=128, gpus_per_node=8, cpus_per_task=10),
+    )
+
+
 def _demo() -> Config:
     """Fashion-MNIST (28 px product photos) on 2 CPU processes: the recipe scaled down to ~4 minutes.
 
@@ -179,7 +213,7 @@ def _demo() -> Config:
 def _study() -> Config:
     """The reference run (1x) of the reproduction study (python -m pipeline.reproduce, docs/reproduce.md):
     kn = 32 on one process; the study's larger kn accumulate micro-batches of 32 (BN per 32 images, as the
-    paper's own emulation of large minibatches), so that 18 runs (9 rows x 2 seeds) fit in about an hour on
+    paper's own emulation of large minibatches), so that 22 runs (11 rows x 2 seeds) fit in about 1.5 hours on
     2 cores, two runs at a time.
 
     - Model: the demo's ResNet-10 at width 16 (16-128 channels), ~2,400 images/s per core forward and
@@ -204,6 +238,7 @@ def _study() -> Config:
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "goyal_r50_bs256": _goyal_r50_bs256,
     "goyal_r50_bs8k": _goyal_r50_bs8k,
+    "lars_r50_bs32k": _lars_r50_bs32k,
     "demo": _demo,
     "study": _study,
 }
@@ -290,7 +325,9 @@ class Plan:
             f"peak_lr={self.peak_lr:g} ({cfg.optim.base_lr:g} x {'sqrt ' if cfg.optim.scaling == 'sqrt' else ''}"
             f"{self.global_batch}/{cfg.optim.reference_batch}) "
             f"steps/epoch={self.steps_per_epoch} ({cfg.data.train_samples} // {self.global_batch}) "
-            f"warmup_steps={self.warmup_steps} total_steps={self.total_steps} data={loader_mode(cfg.data)}"
+            f"warmup_steps={self.warmup_steps} total_steps={self.total_steps} data={loader_mode(cfg.data)} "
+            f"optim={cfg.optim.kind} schedule={cfg.schedule.kind}"
+            + (f" label_smoothing={cfg.train.label_smoothing:g}" if cfg.train.label_smoothing else "")
         )
 
 
@@ -340,6 +377,8 @@ def resolve(cfg: Config) -> Plan:
         ("train.checkpoint_every_min", cfg.train.checkpoint_every_min, 0 <= cfg.train.checkpoint_every_min < math.inf,
          "finite and 0 (none) or more"),
         ("model.fc_init_std", cfg.model.fc_init_std, 0 < cfg.model.fc_init_std < math.inf, "a finite number above 0"),
+        ("optim.trust_coefficient", o.trust_coefficient, 0 < o.trust_coefficient < math.inf, "a finite number above 0"),
+        ("train.label_smoothing", cfg.train.label_smoothing, 0 <= cfg.train.label_smoothing < 1, "in [0, 1)"),
     ):
         if not ok:
             errors.append(f"{key}={value} must be {rule}")
@@ -363,8 +402,10 @@ def resolve(cfg: Config) -> Plan:
     elif cfg.data.access == "indexed" and cfg.data.shard_url:
         errors.append(f"data.access=indexed reads the tar files next to the manifest, but data.shard_url="
                       f"{cfg.data.shard_url!r} reads them elsewhere; use data.access=stream, or drop data.shard_url")
-    if cfg.schedule.kind not in ("step", "cosine"):
-        errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine")
+    if cfg.schedule.kind not in ("step", "cosine", "poly"):
+        errors.append(f"schedule.kind={cfg.schedule.kind!r}; valid: step, cosine, poly")
+    if o.kind not in ("sgd", "lars"):
+        errors.append(f"optim.kind={o.kind!r}; valid: sgd, lars")
     if cfg.schedule.warmup not in ("gradual", "constant"):
         errors.append(f"schedule.warmup={cfg.schedule.warmup!r}; valid: gradual, constant")
     if cfg.optim.scaling not in ("linear", "sqrt"):

@@ -1,13 +1,13 @@
 """Reproduce the paper's Table 1 and Figures 1-2 at small scale: a study of many training runs, and its table.
 
-    python -m pipeline.reproduce                          # the local study: Fashion-MNIST, 18 runs, ~1 h on 2 cores
+    python -m pipeline.reproduce                          # the local study: Fashion-MNIST, 22 runs, ~1.5 h on 2 cores
     python -m pipeline.reproduce --quick --out runs/quick # 3 short runs: a first look
     python -m pipeline.reproduce --preset goyal_r50_bs256 --partition gpu --seeds 5 \\
         data.shards=/datasets/imagenet-shards             # the paper's study: 45 runs of 8 GPUs, one job array
 
 Rows: kn = 1x, 4x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 -> 32k),
 linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
---zero-gamma, no zero-gamma). The ranks stay as given; a larger kn accumulates micro-batches
+--zero-gamma, no zero-gamma); at 64x and 128x LARS with label smoothing, past the paper. The ranks stay as given; a larger kn accumulates micro-batches
 (train.grad_accum), so BatchNorm keeps its n images. Each run's error is the median of its last epochs;
 each row's the mean and std over seeds. Key=value overrides apply to every run.
 

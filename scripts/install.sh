@@ -13,7 +13,7 @@ py="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 DEEPSPEED_PIN=deepspeed==0.19.8
 OTHER_PINS=(submitit==1.5.4 webdataset==1.0.2 "numpy>=1.26,<3" tqdm==4.67.1 matplotlib==3.10.7 tensorboard==2.21.0
-            torchcodec==0.17.0 pytest==8.4.2)
+            timm==1.0.31 torchcodec==0.17.0 pytest==8.4.2)
 DEBIAN_PACKAGES=(dataset-fashion-mnist)
 
 stamp="$venv/.pipeline-install"
@@ -56,6 +56,7 @@ DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "${pip[@]}" --no-build-isolation "$DEEPSPEED_
 "$venv/bin/python" - <<'PY'
 import deepspeed, submitit, torch, torchvision, webdataset  # noqa: F401  fail here, not in a job
 from torchvision.io import decode_jpeg  # noqa: F401  the C++ image ops must load on this machine
+from timm.optim.lars import Lars  # noqa: F401  optim.kind=lars
 from torchcodec.decoders import decode_jpeg  # noqa: F401,F811  pipeline.data.decode's decoder
 PY
 echo "$want" > "$stamp"

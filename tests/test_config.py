@@ -117,3 +117,13 @@ def test_nesterov_without_momentum_is_refused_before_torch_would():
 def test_tuple_overrides_take_the_list_syntax_that_list_keys_prints():
     cfg = config.apply_overrides(config.preset("demo"), ["data.mean=[0.1, 0.2, 0.3]", "data.std=(0.3,0.3,0.3)"])
     assert cfg.data.mean == (0.1, 0.2, 0.3) and cfg.data.std == (0.3, 0.3, 0.3)
+
+
+def test_a_config_saved_before_a_key_existed_compares_with_that_keys_default():
+    """A run folder from an earlier version lacks the keys added since: they count as their defaults, so the
+    run resumes, and a value other than the default is still named."""
+    old = config.to_dict(config.preset("demo"))
+    del old["optim"]["kind"], old["train"]["label_smoothing"]
+    assert config.differences(old, config.to_dict(config.preset("demo"))) == []
+    lars = config.apply_overrides(config.preset("demo"), ["optim.kind=lars"])
+    assert config.differences(old, config.to_dict(lars)) == ["optim.kind: 'sgd' -> 'lars'"]

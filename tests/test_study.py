@@ -100,7 +100,9 @@ def test_rows_the_ranks_cannot_make_are_refused_before_anything_runs(tmp_path, c
 def test_the_dry_run_lists_every_run_of_the_default_study(tmp_path, capsys):
     assert reproduce.main(["--dry-run", "--cluster", "local", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 19 and lines[-1].startswith("18 runs in")
+    assert len(lines) == 23 and lines[-1].startswith("22 runs in")
     assert lines[0].startswith("kn1x-seed0 (unfinished): world_size=1") and "global_batch=32 " in lines[0]
     assert any(line.startswith("kn128x-seed1 (unfinished)") and "global_batch=4096 " in line for line in lines)
     assert any("kn32x-sqrt-scaling-seed0" in line and "peak_lr=" in line for line in lines)
+    assert any(line.startswith("kn128x-lars-seed1 (unfinished)") and "peak_lr=4 (0.25 x 4096/256)" in line
+               and "optim=lars schedule=step label_smoothing=0.1" in line for line in lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from pipeline.study import design
 from pipeline.study.design import StudyRun
 from pipeline.study.table import run_state
 from pipeline.train import report
@@ -48,12 +49,16 @@ def fig2(runs_dir: Path, study: list[StudyRun], path: Path) -> None:
 
 def error_vs_kn(table: dict, path: Path) -> None:
     """Top-1 error against kn of the linear-scaling, gradual-warmup rows: ours (mean ± std over seeds) and
-    the paper's, on two y axes (the paper's Fig. 1)."""
+    the paper's, on two y axes (the paper's Fig. 1); and ours with LARS and label smoothing, where run."""
     plt = report.pyplot()
     rows = [r for r in table["rows"] if not r["changes"] and r["mean"] is not None]
+    lars = [r for r in table["rows"] if tuple(r["changes"]) == design.LARS and r["mean"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.errorbar([r["multiple"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows],
                 marker="o", capsize=3, color="C0", label="here")
+    if lars:
+        ax.errorbar([r["multiple"] for r in lars], [r["mean"] for r in lars], yerr=[r["std"] or 0 for r in lars],
+                    marker="^", capsize=3, color="C2", label="here, LARS + label smoothing")
     ax.set(xscale="log", xlabel="kn / reference kn (the paper's 256)", ylabel="top-1 error here (%)",
            title="validation error against minibatch size (cf. Goyal et al. Fig. 1)")
     ax.set_xticks([r["multiple"] for r in rows], [f"{r['multiple']}x\n{r.get('kn', '')} ({r['paper_kn']})" for r in rows])

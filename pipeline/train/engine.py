@@ -1,4 +1,4 @@
-"""The DeepSpeed engine for pure data parallelism: client torch SGD and our per-iteration schedule."""
+"""The DeepSpeed engine for pure data parallelism: our optimizer (SGD or LARS) and per-iteration schedule."""
 
 from __future__ import annotations
 
@@ -28,17 +28,31 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, plan: Plan) -> torch.optim.SGD:
-    """torch SGD with momentum; the lr it holds is the peak, scaled per step by the schedule.
+def build_optimizer(model: torch.nn.Module, cfg: Config, plan: Plan) -> torch.optim.Optimizer:
+    """SGD with momentum (optim.kind=sgd, the paper) or LARS (optim.kind=lars); the lr it holds is the peak,
+    scaled per step by the schedule.
 
     torch keeps the lr outside the momentum buffer: g' = g + wd w; u <- m u + g'; then w <- w - lr u
     (plain) or w <- w - lr (g' + m u) (Nesterov). The paper's form keeps the lr inside the buffer
     (v <- m v + lr g; w <- w - v) and so needs momentum correction (remark 2) whenever lr changes; torch's
     form is that corrected update, so no correction is applied here. Weight decay is added to the gradient
     after DeepSpeed's allreduce, once (eq. 8), never scaled with the loss.
+
+    LARS is timm's Lars (a maintained implementation; torch has none): in the same lr-outside form, each
+    decayed tensor's g' is multiplied by its trust ratio eta ||w|| / (||g|| + wd ||w|| + 1e-8) (1 where a norm
+    is 0) before it enters the buffer. The tensors without weight decay (BN gamma and beta, biases, unless
+    optim.weight_decay_bn or _bias) are neither adapted nor decayed, as in You et al. 2017 and the MLPerf
+    reference; the decayed ones are adapted even at optim.weight_decay=0 (timm would then adapt none).
     """
-    return torch.optim.SGD(param_groups(model, cfg.optim), lr=plan.peak_lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov)
+    groups = param_groups(model, cfg.optim)
+    if cfg.optim.kind == "sgd":
+        return torch.optim.SGD(groups, lr=plan.peak_lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    # Imported here: timm imports its whole model zoo and huggingface_hub (3 s a rank), which SGD runs never need
+    from timm.optim.lars import Lars
+
+    decay, no_decay = groups
+    return Lars([{**decay, "always_adapt": True}, {**no_decay, "always_adapt": False}], lr=plan.peak_lr,
+                momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, trust_coeff=cfg.optim.trust_coefficient)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -> torch.optim.lr_scheduler.LambdaLR:

@@ -43,6 +43,12 @@ def forward(net, images: torch.Tensor, cfg: Config, device: torch.device) -> tor
     return net(model_input(images, cfg, device)).float()
 
 
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The mean cross-entropy of the micro-batch against labels smoothed by train.label_smoothing = s: the
+    target is 1 - s + s/C on the label and s/C on each of the other C - 1 classes (torch's definition)."""
+    return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
+
+
 def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: torch.device) -> None:
     """Replace BN running statistics with their plain average over `count` training batches ("precise
     BN", as in pycls), instead of the exponential running averages; evaluate() then averages them over
@@ -109,7 +115,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         labels = batch.labels.to(device, non_blocking=True)
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
         logits = forward(engine, batch.images, cfg, device)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss = training_loss(logits, labels, cfg)
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
         # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
         engine.backward(loss)
