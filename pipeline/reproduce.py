@@ -7,9 +7,10 @@
 
 Rows: kn = 1x, 4x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 -> 32k),
 linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
---zero-gamma, no zero-gamma); at 64x and 128x LARS with label smoothing, past the paper. The ranks stay as given; a larger kn accumulates micro-batches
-(train.grad_accum), so BatchNorm keeps its n images. Each run's error is the median of its last epochs;
-each row's the mean and std over seeds. Key=value overrides apply to every run.
+--zero-gamma, no zero-gamma); past the paper, at 64x and 128x LARS with label smoothing. The ranks stay as
+given; a larger kn accumulates micro-batches (train.grad_accum), so BatchNorm keeps its n images. Each
+run's error is the median of its last epochs; each row's the mean and std over seeds. Key=value overrides
+apply to every run.
 
 Each run is an ordinary run folder in OUT/runs/: the same command resumes a stopped study (finished runs are
 kept, the others resume from their newest checkpoint) and, once every run has ended, writes OUT/table1.md,

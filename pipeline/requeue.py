@@ -9,9 +9,9 @@ collective outlives cluster.collective_timeout_s; neither the signal path of pip
 submitit (which requeues on time limits and preemption only) requeues then. This does, at most N times (Slurm
 counts every requeue in SLURM_RESTART_COUNT), and the requeued job resumes from the newest complete
 checkpoint. Not requeued: a job that ended well, one already requeued by a stop signal, a finished or
-diverged run, and an attempt that failed before its first step (it would fail the same way again). Either
-way it appends a `failed` record to the run's metrics.jsonl naming the exit status and srun's word on the
-tasks that died.
+diverged run, and an attempt that failed before its first step (it would fail the same way again). After a
+failed step, requeued or not, it appends a `failed` record to the run's metrics.jsonl naming the exit
+status, srun's words on the tasks that died, and why it was or was not requeued.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from submitit.core.utils import DelayedSubmission, JobPaths
+
+from pipeline.launch.jobs import TrainJob
 from pipeline.train import metrics, preempt
 from pipeline.train.preempt import ATTEMPT
 
@@ -31,10 +34,6 @@ from pipeline.train.preempt import ATTEMPT
 def submitit_job(folder: Path, job_id: str) -> tuple[Path | None, Path]:
     """The run folder of submitit's job `job_id` (an array task's as "123_4"), from the job it pickled (None for
     a job that is not a training run: bucket tuning), and the job's stderr, which holds srun's own messages."""
-    from submitit.core.utils import DelayedSubmission, JobPaths
-
-    from pipeline.launch.jobs import TrainJob
-
     paths = JobPaths(folder, job_id=job_id, task_id=0)
     job = DelayedSubmission.load(paths.submitted_pickle).function
     return (job.run_dir if isinstance(job, TrainJob) else None), paths.stderr

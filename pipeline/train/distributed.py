@@ -42,6 +42,10 @@ def init_distributed(cfg: Config) -> torch.device:
     return device
 
 
+# How gloo's transport words a timeout and a peer that went away (torch raises them as plain RuntimeErrors)
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
 @contextlib.contextmanager
 def collectives_explained(timeout_s: int):
     """A failed collective re-raised with what it means. torch reports a gloo timeout or a dead peer as a bare
@@ -58,10 +62,6 @@ def collectives_explained(timeout_s: int):
             f"not answer for cluster.collective_timeout_s={timeout_s} s. On Slurm, srun's 'task N:' line in the job's "
             "log names a rank that died, and the job is requeued (python -m pipeline.requeue) to resume from the "
             "newest complete checkpoint") from err
-
-
-# How gloo's transport words a timeout and a peer that went away (torch raises them as plain RuntimeErrors)
-COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
 
 
 def keep_freed_memory() -> None:
