@@ -11,10 +11,13 @@ error and the next one runs); docs/gpu.md names every key:
   (torchvision's ResNet-50, torch's SGD with the same settings, no DeepSpeed), measured in this run.
 - demo_bf16: the demo end to end on one GPU over NCCL in bf16: trained, stopped mid-run with Ctrl-C (a
   checkpoint at the stop), resumed, evaluated; Fashion-MNIST from $FASHION_MNIST_DIR.
-- decode: images/s of torchvision's GPU JPEG decoder (nvJPEG, batched) and of our training loader through
-  the DataLoader with one worker per core, on JPEGs with ImageNet's size and bytes per pixel.
-- resnet50_run: a short real ResNet-50 run from shards of those JPEGs (bf16, CPU decoding): images/s with
-  evaluation included, and the share of time rank 0 waited for data.
+- decode: images/s of the GPU JPEG decoder that pipeline.data.decode uses (torchcodec's, else torchvision's:
+  nvJPEG, batched), of our whole GPU path (data.decode=gpu: decode, crop, resize, flip on the GPU), and of our
+  CPU training loader through the DataLoader with one worker per core, on JPEGs with ImageNet's size and bytes
+  per pixel.
+- resnet50_run, resnet50_run_gpu_decode: a short real ResNet-50 run from shards of those JPEGs (bf16), decoding
+  on the CPU and on the GPU (data.decode=gpu): images/s with evaluation included, and the share of time
+  rank 0 waited for data.
 - resnet50_compiled: resnet50_eager with torch.compile on both sides (train.compile=true for ours).
 """
 
@@ -36,7 +39,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("gpu_tests", "resnet50_eager", "demo_bf16", "decode", "resnet50_run", "resnet50_compiled")
+SECTIONS = ("gpu_tests", "resnet50_eager", "demo_bf16", "decode", "resnet50_run", "resnet50_run_gpu_decode",
+            "resnet50_compiled")
 BATCH = 256  # images per step for the throughput sections: n=32 leaves an H200 waiting on kernel launches
 IMAGE_SIDES = (500, 375)  # ImageNet's typical size
 GRAIN = 44  # pixel noise that brings JPEGs at quality 90 to ImageNet's ~0.8 bytes per pixel (measured)
@@ -151,12 +155,12 @@ def write_tree(root: Path, classes: int, train_per_class: int, val_per_class: in
 
 
 def decode(work: Path) -> dict:
-    """GPU decoding (torchvision's decode_jpeg on CUDA, batches of BATCH) and our loader on every core."""
-    from torchvision.io import decode_jpeg
-
+    """GPU decoding (decode_full's decoder on CUDA, batches of BATCH), our GPU path, and our CPU loader on every
+    core."""
     from pipeline.config import DataConfig
+    from pipeline.data.decode import decode_full_batch, decode_on_device, torchcodec_decode_jpeg
     from pipeline.data.manifest import load_index, load_manifest
-    from pipeline.data.streams import train_stream
+    from pipeline.data.streams import train_batch, train_stream
     from pipeline.data.workers import loader
     from pipeline.shards.convert import convert
 
@@ -168,15 +172,28 @@ def decode(work: Path) -> dict:
     result = {"mean_kb": float(np.mean([len(b) for b in blobs]) / 1e3),
               "bytes_per_pixel": float(np.mean([len(b) for b in blobs]) / (IMAGE_SIDES[0] * IMAGE_SIDES[1]))}
     batches = [blobs[i:i + BATCH] for i in range(0, len(blobs), BATCH)]
+    cuda = torch.device("cuda")
     for batch in batches[:2]:
-        decode_jpeg(batch, device="cuda")
+        decode_full_batch(batch, cuda)
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(3):
         for batch in batches:
-            decode_jpeg(batch, device="cuda")
+            decode_full_batch(batch, cuda)
     torch.cuda.synchronize()
     result["gpu_decode_img_s"] = 3 * len(blobs) / (time.perf_counter() - started)
+    result["gpu_decoder"] = "torchcodec" if torchcodec_decode_jpeg is not None else "torchvision"
+    gpu_data = DataConfig(decode="gpu")
+    samples = [{"jpg": bytes(b.numpy()), "cls": b"0", "__key__": str(i), "__url__": "memory"} for i, b in enumerate(blobs)]
+    encoded = [train_batch(samples[i:i + BATCH], gpu_data, [i]).images for i in range(0, len(samples), BATCH)]
+    decode_on_device(encoded[0], gpu_data, cuda, on_corrupt=print)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(3):
+        for batch in encoded:
+            decode_on_device(batch, gpu_data, cuda, on_corrupt=print)
+    torch.cuda.synchronize()
+    result["gpu_path_img_s"] = 3 * len(blobs) / (time.perf_counter() - started)  # decode, crop, resize, flip
     manifest = load_manifest(shards, "train")
     load_index(manifest)
     workers = os.cpu_count()
@@ -201,19 +218,20 @@ def run_records(run_dir: Path) -> list[dict]:
     return metrics.read(run_dir / "metrics.jsonl")
 
 
-def resnet50_run(work: Path) -> dict:
-    """python -m pipeline.submit on the decode section's shards: one epoch of ResNet-50 in bf16 from shards."""
+def resnet50_run(work: Path, decode_on: str) -> dict:
+    """python -m pipeline.submit on the decode section's shards: two epochs of ResNet-50 in bf16 from shards,
+    decoding on the CPU or the GPU (data.decode)."""
     from pipeline.data.manifest import load_manifest
 
     shards = work / "shards"
     train, val = load_manifest(shards, "train"), load_manifest(shards, "val")
-    run_dir = work / "r50"
+    run_dir = work / f"r50-{decode_on}"
     result = python_module(
         "pipeline.submit", "--preset", "goyal_r50_bs256", "--cluster", "local", "--gpus-per-node", "1",
         "--cpus-per-task", str(os.cpu_count()), "--run-dir", str(run_dir), f"data.shards={shards}",
         f"data.train_samples={train.num_samples}", f"data.val_samples={val.num_samples}", "model.num_classes=8",
         f"data.workers={os.cpu_count() - 1}", "train.precision=bf16", f"train.micro_batch={BATCH}", "train.log_every=2",
-        "schedule.epochs=2", timeout=300)
+        "schedule.epochs=2", f"data.decode={decode_on}", timeout=300)
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
     records = run_records(run_dir)
@@ -272,7 +290,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         work = Path(tmp)
         runs = {"gpu_tests": gpu_tests, "resnet50_eager": lambda: resnet50(False), "demo_bf16": lambda: demo_bf16(work),
-                "decode": lambda: decode(work), "resnet50_run": lambda: resnet50_run(work),
+                "decode": lambda: decode(work), "resnet50_run": lambda: resnet50_run(work, "cpu"),
+                "resnet50_run_gpu_decode": lambda: resnet50_run(work, "gpu"),
                 "resnet50_compiled": lambda: resnet50(True)}
         for name in SECTIONS:
             if name in args.skip:

@@ -37,6 +37,11 @@ class DataConfig:
     # permuted order, read through, shuffled in blocks (any URL); "auto": indexed unless shard_url is set.
     access: str = "auto"
     timeout_s: int = 600  # a DataLoader worker silent this long fails the rank instead of hanging every rank
+    # Where training images are decoded. "cpu": in the DataLoader workers (libjpeg-turbo, reduced-size where the
+    # crop allows). "gpu": the workers only read the bytes and draw the crops; the rank decodes each batch on its
+    # GPU (torchcodec's batched nvJPEG) and crops, resizes and flips it there, with the same crops (docs/data.md).
+    # Evaluation decodes on the CPU either way.
+    decode: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -397,6 +402,8 @@ def resolve(cfg: Config) -> Plan:
     if cfg.data.shard_url and "{name}" not in cfg.data.shard_url:
         errors.append(f"data.shard_url={cfg.data.shard_url!r} lacks {{name}}, the place of each shard's file name, "
                       "e.g. 'pipe:aws s3 cp s3://bucket/imagenet/{name} -'")
+    if cfg.data.decode not in ("cpu", "gpu"):
+        errors.append(f"data.decode={cfg.data.decode!r}; valid: cpu, gpu")
     if cfg.data.access not in ("auto", "indexed", "stream"):
         errors.append(f"data.access={cfg.data.access!r}; valid: auto, indexed, stream")
     elif cfg.data.access == "indexed" and cfg.data.shard_url:

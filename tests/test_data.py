@@ -382,3 +382,62 @@ def test_inspect_refuses_positions_outside_the_epoch(shard_dir, flags, message):
     out = subprocess.run([sys.executable, "-m", "pipeline.data", "inspect", "--shards", str(shard_dir),
                           "--batch-size", "8", *flags], capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def photo_samples() -> list[dict]:
+    """Eight samples cut from the photo at sizes where the CPU path decodes at full size (the small ones) and
+    at reduced size for the larger crops (1024x1200)."""
+    samples = []
+    for i, (width, height) in enumerate([(300, 240), (240, 300), (260, 260), (1024, 1200)] * 2):
+        out = io.BytesIO()
+        Image.open(PHOTO).convert("RGB").resize((width, height)).save(out, format="JPEG", quality=90)
+        samples.append({"jpg": out.getvalue(), "cls": str(i).encode(), "__key__": f"s{i}", "__url__": "mem"})
+    return samples
+
+
+def test_gpu_decoding_draws_the_cpu_paths_crops_and_flips_and_gives_its_pixels():
+    """data.decode=gpu: the workers draw each image's crop and flip with the CPU path's generator calls, and
+    the rank's decode (here on CPU tensors) gives the CPU path's pixels exactly where that path decodes at full
+    size, and the same picture where it decodes at reduced size."""
+    cfg = imagenet_cfg()
+    samples = photo_samples()
+    cpu = streams.train_batch(samples, cfg, [0, 1, 2, 3])
+    encoded = streams.train_batch(samples, dataclasses.replace(cfg, decode="gpu"), [0, 1, 2, 3])
+    assert isinstance(encoded.images, decode.Encoded) and torch.equal(encoded.labels, cpu.labels)
+    images, sources = decode.decode_on_device(encoded.images, cfg, torch.device("cpu"), on_corrupt=pytest.fail)
+    assert sources == list(range(8)) and images.shape == cpu.images.shape == (8, 3, 224, 224)
+    exact = [min(h, w) / cfg.image_size < 2 for _, _, h, w in encoded.images.boxes]
+    assert sum(exact) >= 4 and not all(exact) and set(encoded.images.flips) == {True, False}
+    for i in range(8):
+        if exact[i]:
+            assert torch.equal(images[i], cpu.images[i]), i
+        else:
+            assert_same_picture(images[i].float(), cpu.images[i].float())
+
+
+def test_an_image_that_fails_to_decode_on_the_device_is_replaced_and_its_label_follows(capfd):
+    """Its header reads (so the worker passes it on), its body does not decode: the rank names it, puts a copy
+    of another image of the batch in its place with that image's label, and counts it."""
+    from pipeline.train import loop
+
+    samples = photo_samples()[:4]
+    samples[1]["jpg"] = samples[1]["jpg"][: len(samples[1]["jpg"]) * 6 // 10]
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), ["data.decode=gpu"])
+    batch = streams.train_batch(samples, cfg.data, [0, 0, 0, 0])
+    assert batch.corrupt == 0
+    images, labels, replaced = loop.on_device(batch, cfg, torch.device("cpu"))
+    assert replaced == 1 and labels.tolist() == [0, 2, 2, 3] and torch.equal(images[1], images[2])
+    assert "sample 's1' is not a decodable image" in capfd.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decoding_on_cuda_gives_the_picture_of_the_cpu_path():
+    """nvJPEG and libjpeg-turbo may round their IDCTs differently: the same picture, not the same bytes."""
+    cfg = imagenet_cfg()
+    encoded = streams.train_batch(photo_samples(), dataclasses.replace(cfg, decode="gpu"), [0, 1, 2, 3]).images
+    on_gpu, _ = decode.decode_on_device(encoded, cfg, torch.device("cuda"), on_corrupt=pytest.fail)
+    on_cpu, _ = decode.decode_on_device(encoded, cfg, torch.device("cpu"), on_corrupt=pytest.fail)
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
+    for i in range(len(on_cpu)):
+        assert_same_picture(on_gpu[i].cpu().float(), on_cpu[i].float())

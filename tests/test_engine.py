@@ -309,6 +309,39 @@ def test_train_iter_records_carry_the_training_error_of_their_window(tmp_path):
     assert "train_err 18.75%" in metrics.progress_line(records[0])
 
 
+def decode_mode_rank(rank: int, port: int, shard_dir, mode: str, out) -> None:
+    """Six steps of the demo's model on one rank from the real shards, decoding with data.decode=mode."""
+    from pipeline.data.manifest import load_manifest
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), [
+        "cluster.gpus_per_node=1", "train.micro_batch=8", "train.log_every=1000", f"data.shards={shard_dir}",
+        "data.train_samples=240", "data.val_samples=70", "data.workers=0", f"data.decode={mode}"])
+    plan = config.resolve(cfg)
+    device = distributed.init_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    stream = streams.train_stream(load_manifest(shard_dir, "train"), cfg.data, 8, 6, 0, 1, 1, cfg.train.seed)
+    stream.set_epoch(0)
+    loop.train_epoch(ds_engine, cfg, plan, iter(stream), 0, device, metrics.MetricsLog(out, enabled=False),
+                     preempt.StopRequest())
+    torch.save(ds_engine.module.state_dict(), out)
+
+
+def test_decoding_in_the_rank_trains_to_the_weights_of_decoding_in_the_loader(shard_dir, tmp_path):
+    """data.decode=gpu (its decode here on the CPU rank) against the loader's decode, six steps: the same crops
+    and flips, the same full-size decodes, so the same weights, bit for bit."""
+    weights = {}
+    for mode in ("cpu", "gpu"):
+        out = tmp_path / f"{mode}.pt"
+        mp.start_processes(decode_mode_rank, args=(pick_port(), shard_dir, mode, out), nprocs=1, start_method="spawn")
+        weights[mode] = torch.load(out)
+    assert weights["cpu"].keys() == weights["gpu"].keys()
+    assert all(torch.equal(weights["cpu"][k], weights["gpu"][k]) for k in weights["cpu"])
+    torch.manual_seed(config.preset("demo").train.seed)  # the ranks' initial weights: the steps changed them
+    assert not torch.equal(weights["cpu"]["fc.weight"], model.build(config.preset("demo").model).fc.weight)
+
+
 class SyncCounter(torch.overrides.TorchFunctionMode):
     """Records where every call that makes the host wait for the device comes from: a read of a tensor's
     value (.item, .tolist, .cpu, .numpy, bool/int/float of a tensor) or a tensor made on a device from Python

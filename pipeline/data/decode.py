@@ -7,6 +7,7 @@ import functools
 import io
 import math
 import warnings
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -74,13 +75,79 @@ def _resized_crop(pixels: torch.Tensor, sx: float, sy: float, top: float, left: 
     return F.resize(crop, [size, size], antialias=True)
 
 
+def draw_crop(image: Image.Image, cfg: DataConfig) -> tuple[tuple[int, int, int, int], bool]:
+    """The random-resized crop's box (top, left, height, width in full-image pixels; scale crop_scale_min..1,
+    ratio 3/4..4/3) and whether to flip, drawn from torch's global generator in that order (paper 5.1)."""
+    box = RandomResizedCrop.get_params(image, scale=(cfg.crop_scale_min, 1.0), ratio=ASPECT_RATIOS)
+    return box, bool(torch.rand(()) < 0.5)
+
+
 def decode_train(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
-    """Random-resized crop (scale crop_scale_min..1, ratio 3/4..4/3) to image_size, then a random
-    horizontal flip (paper 5.1), drawing from torch's global generator; uint8 [3, S, S]."""
+    """The random-resized crop to image_size, then the random horizontal flip (draw_crop); uint8 [3, S, S]."""
     image = Image.open(io.BytesIO(jpeg))  # reads the header only: the size, for the crop
-    top, left, h, w = RandomResizedCrop.get_params(image, scale=(cfg.crop_scale_min, 1.0), ratio=ASPECT_RATIOS)
+    (top, left, h, w), flip = draw_crop(image, cfg)
     out = _resized_crop(*_pixels(jpeg, image, min(w, h) / cfg.image_size), top, left, h, w, cfg.image_size)
-    return out.flip(-1) if torch.rand(()) < 0.5 else out
+    return out.flip(-1) if flip else out
+
+
+class Encoded(NamedTuple):
+    """A training batch left encoded for data.decode=gpu: each image's JPEG bytes (uint8, 1-D) and the crop box
+    and flip that decode_train draws for it."""
+
+    jpegs: list[torch.Tensor]
+    boxes: list[tuple[int, int, int, int]]
+    flips: list[bool]
+
+
+def encode_train(jpeg: bytes, cfg: DataConfig) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
+    """What a loader worker does for one image under data.decode=gpu: read its header and draw its crop and
+    flip, exactly as decode_train would (the same generator calls), without decoding it."""
+    box, flip = draw_crop(Image.open(io.BytesIO(jpeg)), cfg)
+    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), box, flip
+
+
+def encoded_batch(items: list[tuple[torch.Tensor, tuple[int, int, int, int], bool]]) -> Encoded:
+    """encode_train's results as one Encoded batch."""
+    return Encoded(*(list(column) for column in zip(*items)))
+
+
+def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
+                     on_corrupt: Callable[[int, Exception], None]) -> tuple[torch.Tensor, list[int]]:
+    """uint8 [n, 3, S, S] on the device: the batch's JPEGs decoded there (torchcodec on CUDA: one batched nvJPEG
+    call), each cut to its box, resized and flipped as decode_train does after a full-size decode; and which
+    sample each image is. An image that does not decode is reported through on_corrupt(index, error) and
+    replaced by a copy of another image of the batch (sources[i] != i: its label must follow)."""
+    try:
+        images = decode_full_batch(batch.jpegs, device)
+    except RuntimeError:  # which one: decode them one by one
+        images = []
+        for index, jpeg in enumerate(batch.jpegs):
+            try:
+                images.append(decode_full_batch([jpeg], device)[0])
+            except RuntimeError as err:
+                on_corrupt(index, err)
+                images.append(None)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        raise ValueError(f"none of the {len(images)} images of a batch decodes; check the shards with "
+                         "python -m pipeline.shards verify")
+    sources = [i if image is not None else good[i % len(good)] for i, image in enumerate(images)]
+    out = []
+    for source in sources:
+        top, left, h, w = batch.boxes[source]
+        crop = _resized_crop(images[source], 1.0, 1.0, top, left, h, w, cfg.image_size)
+        out.append(crop.flip(-1) if batch.flips[source] else crop)
+    return torch.stack(out), sources
+
+
+def decode_full_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Full-size RGB decodes of a list of JPEG bytes (uint8 1-D tensors) on the device, by decode_full's decoder
+    (on CUDA: one batched nvJPEG call); RuntimeError when it refuses one of them."""
+    if torchcodec_decode_jpeg is not None:
+        return torchcodec_decode_jpeg(list(jpegs), mode="RGB", device=device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated")
+        return decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
 
 
 def decode_eval(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:

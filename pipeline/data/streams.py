@@ -20,17 +20,18 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig, loader_mode
-from pipeline.data.decode import DECODE_ERRORS, decode_eval, decode_train
+from pipeline.data.decode import DECODE_ERRORS, Encoded, decode_eval, decode_train, encode_train, encoded_batch
 from pipeline.data.manifest import Manifest, load_index
 from pipeline.data.order import (batches_before, block_shuffle, epoch_order, epoch_permutation, micro_batch_index,
                                  micro_batch_samples, stream_segments, worker_batches)
 from pipeline.data.samples import SampleReader, read_segments
 
 class Batch(NamedTuple):
-    """What the loader yields: uint8 images [n, 3, S, S] (channels_last), int64 labels [n], the shard keys
-    of the samples, and how many corrupt samples were replaced by another sample of the batch."""
+    """What the loader yields: uint8 images [n, 3, S, S] (channels_last; under data.decode=gpu a training
+    batch's are still encoded, for the rank to decode on its device), int64 labels [n], the shard keys of the
+    samples, and how many corrupt samples were replaced by another sample of the batch."""
 
-    images: torch.Tensor
+    images: torch.Tensor | Encoded
     labels: torch.Tensor
     keys: list[str]
     corrupt: int
@@ -50,11 +51,12 @@ def warn_corrupt(sample: dict, err: Exception) -> None:
     print(f"warning: {_describe(sample, err)}; replaced by another sample of its batch", file=sys.stderr, flush=True)
 
 
-def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
-               on_corrupt: Callable[[dict, Exception], None]) -> Batch:
-    """Decode a batch; a corrupt sample (reported through on_corrupt) is replaced by a fresh decode of
-    another sample of the same batch, so every batch keeps exactly n images."""
-    decoded: list[tuple[torch.Tensor, dict]] = []
+def make_batch(samples: list[dict], decode: Callable[[bytes], object],
+               on_corrupt: Callable[[dict, Exception], None], combine: Callable[[list], object] = torch.stack) -> Batch:
+    """Decode a batch (combine makes one batch of the decoded images); a corrupt sample (reported through
+    on_corrupt) is replaced by a fresh decode of another sample of the same batch, so every batch keeps
+    exactly n images."""
+    decoded: list[tuple[object, dict]] = []
     corrupt = 0
     for sample in samples:
         try:
@@ -74,15 +76,19 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], torch.Tensor],
         raise ValueError(f"{corrupt} of the {len(samples)} samples of a batch do not decode and too few others do "
                          f"to replace them (the batch starts at {samples[0]['__url__']}: {samples[0]['__key__']!r}); "
                          "the shard is damaged: check it with python -m pipeline.shards verify")
-    return Batch(torch.stack([image for image, _ in decoded]), torch.tensor([int(s["cls"]) for _, s in decoded]),
+    return Batch(combine([image for image, _ in decoded]), torch.tensor([int(s["cls"]) for _, s in decoded]),
                  [s["__key__"] for _, s in decoded], corrupt)
 
 
 def train_batch(samples: list[dict], cfg: DataConfig, seed: list[int]) -> Batch:
     """A training batch whose crops and flips draw from a generator seeded by `seed` alone; the caller's
-    generator is left as it was (with workers=0 the loader runs inside the training process)."""
+    generator is left as it was (with workers=0 the loader runs inside the training process). Under
+    data.decode=gpu the images stay encoded with the crops and flips drawn: the same ones (pipeline.data.decode).
+    A sample whose header PIL cannot read is corrupt here; one whose body does not decode, on the device."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        if cfg.decode == "gpu":
+            return make_batch(samples, lambda jpeg: encode_train(jpeg, cfg), warn_corrupt, encoded_batch)
         return make_batch(samples, lambda jpeg: decode_train(jpeg, cfg), warn_corrupt)
 
 

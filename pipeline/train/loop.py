@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import Config, Plan, load_run_config, loader_mode, to_dict
-from pipeline.data.decode import normalize
+from pipeline.data.decode import Encoded, decode_on_device, normalize
 from pipeline.data.manifest import load_index, load_manifest
-from pipeline.data.streams import EvalStream, train_stream
+from pipeline.data.streams import Batch, EvalStream, train_stream
 from pipeline.data.workers import loader
 from pipeline.train import checkpoint, metrics, model, preempt, report
 from pipeline.train.distributed import average_bn_statistics, collectives_explained, init_distributed, is_primary
@@ -34,6 +35,23 @@ def model_input(images: torch.Tensor, cfg: Config, device: torch.device) -> torc
     """
     x = normalize(images.to(device, non_blocking=True), cfg.data)
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+
+
+def on_device(batch: Batch, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A training batch's uint8 images (decoded here, on the device, under data.decode=gpu; else as the loader
+    made them), its labels on the device, and how many of its images did not decode here: each is named on
+    stderr and replaced by another image of the batch, its label with it (pipeline.data.decode)."""
+    images, labels = batch.images, batch.labels
+    if not isinstance(images, Encoded):
+        return images, labels.to(device, non_blocking=True), 0
+
+    def warn(index: int, err: Exception) -> None:
+        print(f"warning: sample {batch.keys[index]!r} is not a decodable image ({err}); replaced by another sample "
+              "of its batch", file=sys.stderr, flush=True)
+
+    images, sources = decode_on_device(images, cfg.data, device, warn)
+    replaced = sum(source != i for i, source in enumerate(sources))
+    return images, (labels[sources] if replaced else labels).to(device, non_blocking=True), replaced
 
 
 def forward(net, images: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -53,7 +71,7 @@ def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: t
     """Replace BN running statistics with their plain average over `count` training batches ("precise
     BN", as in pycls), instead of the exponential running averages; evaluate() then averages them over
     ranks like the running ones. torch's update_bn does the resetting and the forward passes."""
-    inputs = (model_input(batch.images, cfg, device) for batch in itertools.islice(batches, count))
+    inputs = (model_input(on_device(batch, cfg, device)[0], cfg, device) for batch in itertools.islice(batches, count))
     torch.optim.swa_utils.update_bn(inputs, net)
 
 
@@ -111,10 +129,10 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         waited += time.perf_counter() - asked
         if batch is None:
             break
-        corrupt += batch.corrupt
-        labels = batch.labels.to(device, non_blocking=True)
+        images, labels, replaced = on_device(batch, cfg, device)
+        corrupt += batch.corrupt + replaced
         # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        logits = forward(engine, batch.images, cfg, device)
+        logits = forward(engine, images, cfg, device)
         loss = training_loss(logits, labels, cfg)
         # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
         # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
