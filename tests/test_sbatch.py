@@ -23,8 +23,8 @@ def srun_argv(text: str) -> list[str]:
     """The srun command of a rendered script, continuation lines joined, split as bash would, up to the
     redirection of srun's own stderr."""
     joined = text.replace("\\\n", " ")
-    argv = shlex.split(next(line for line in joined.splitlines() if line.startswith("srun ")))
-    return argv[:argv.index("2>")]
+    argv = shlex.split(next(line for line in joined.splitlines() if line.startswith("{ srun ")))
+    return argv[1:argv.index("2>&1")]
 
 
 def test_matches_golden_file():

@@ -44,7 +44,7 @@ def render(cfg: Config, run_dir: Path, time_min: int, options: dict, workdir: Pa
         "extra_directives": "\n".join(extra),
         "workdir": shlex.quote(str(workdir)),
         "log_pattern": shlex.quote(str(run_dir / "slurm" / "%j_%t.log")),
-        "srun_log": shlex.quote(str(run_dir / "slurm" / "srun.log")),  # srun's own messages ("task 1: Killed")
+        "srun_log": shlex.quote(str(run_dir / "slurm" / "srun.out")),  # srun's own messages ("task 1: Killed")
         "python": shlex.quote(python),
         "run_dir": shlex.quote(str(run_dir)),
     }
