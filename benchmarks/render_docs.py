@@ -43,7 +43,7 @@ def demo(result: dict) -> list[str]:
 
 def loader(result: dict) -> list[str]:
     median = result["img_s_median"]
-    names = {"bare_decode_torchvision": "bare full-size decode from memory, torchvision (our decode_full)",
+    names = {"bare_decode_full": "bare full-size decode from memory, ours (decode_full: torchcodec)",
              "bare_decode_pil": "bare full-size decode from memory, PIL",
              "imagefolder_pil": "torchvision ImageFolder + PIL, RandomResizedCrop + flip + ToTensor + Normalize",
              "ours": "ours, streaming: shards, shuffle, crop + flip, uint8 batches of 32",
@@ -57,15 +57,18 @@ def loader(result: dict) -> list[str]:
     rows = [[names[key], f"{value:,.0f}"] for key, value in median.items()]
     shards = result["distinct_shards_per_batch"]
     return ["## Loader (`benchmarks/loader.py`)", "",
-            f"{result['images']:,} ImageNet-sized JPEGs ({result['mean_pixels'] / 1e3:.0f} kpixel and "
-            f"{result['mean_kb']:.0f} KB on average; ImageNet's average ~110 KB), one core each, median of "
-            f"{result['rounds']} rounds:", "",
+            f"{result['images']:,} ImageNet-sized JPEGs ({result['mean_pixels'] / 1e3:.0f} kpixel, "
+            f"{result['mean_kb']:.0f} KB and {result['bytes_per_pixel']:.2f} bytes per pixel on average; ImageNet's "
+            f"~0.8), one core each, median of {result['rounds']} rounds:", "",
             *table(["pipeline", "images/s per core"], rows), "",
             f"Ours is {result['ours_vs_imagefolder']:.2f}x ImageFolder, {result['ours_vs_bare_decode']:.2f} of the "
             f"faster bare decoder ({result['ours_vs_bare_decode_pil']:.2f} of PIL's); reduced-size decoding gives "
             f"{result['draft_speedup']:.2f}x. Indexed access runs at {result['indexed_vs_stream']:.3f} of streaming "
             f"(per-round median). A batch of 32 draws from {shards['indexed']:.1f} distinct shards of the "
-            f"{result['shards']} with indexed access, from {shards['stream']:.1f} when streaming.", ""]
+            f"{result['shards']} with indexed access, from {shards['stream']:.1f} when streaming. Through the "
+            f"DataLoader, each indexed worker makes "
+            f"{result['ours_indexed_dataloader_per_worker_vs_bare_decode']:.2f} of the bare decode rate of one core.",
+            ""]
 
 
 def shards(result: dict) -> list[str]:
