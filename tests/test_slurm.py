@@ -112,6 +112,18 @@ def test_submit_on_slurm_runs_every_rank_and_status_shows_the_job(reference):
     assert f"job {submitted_job(reference)} COMPLETED" in shown.stdout and "epoch 20/20 done" in shown.stdout
 
 
+def test_auto_picks_slurm_where_it_answers_and_a_refusal_is_one_sentence_with_the_way_out(slurm, shard_dir,
+                                                                                         tmp_path):
+    from pipeline.launch.prepare import choose_cluster
+
+    assert choose_cluster("auto") == "slurm"
+    refused = submit("--cluster", "slurm", "--partition", "nosuch", "--run-dir", str(tmp_path / "refused"),
+                     f"data.shards={shard_dir}", *SMALL)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "error: Slurm refused the job: " in refused.stderr and "invalid partition" in refused.stderr.lower()
+    assert "run on this machine with --cluster local" in refused.stderr
+
+
 def rank_pids(run_dir: Path) -> dict[int, int]:
     """{rank: pid} of the run's rank processes (submitit's, under srun), found in /proc."""
     found = {}

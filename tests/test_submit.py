@@ -155,6 +155,22 @@ def test_missing_shards_fail_before_anything_is_submitted(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_auto_runs_here_when_srun_is_there_but_no_slurm_controller_answers(tmp_path, monkeypatch, capsys):
+    """A login node with Slurm's clients but a controller that is down (here: a slurm.conf naming a port
+    nobody listens on, or no scontrol at all): this machine, said once, instead of sbatch's traceback."""
+    from pipeline.launch.prepare import choose_cluster
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    (tmp_path / "slurm.conf").write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    assert choose_cluster("auto") == "local"
+    assert "srun is on PATH but no Slurm controller answers (scontrol ping: " in capsys.readouterr().err
+    assert choose_cluster("slurm") == "slurm"  # asked for by name: not second-guessed
+
+
 def test_debug_cluster_refuses_several_ranks(shard_dir, tmp_path):
     result = submit("--cluster", "debug", "--run-dir", str(tmp_path / "run"), f"data.shards={shard_dir}", *SMALL)
     assert result.returncode == 2 and "world_size=2" in result.stderr
