@@ -424,24 +424,24 @@ def resolve(cfg: Config) -> Plan:
     if errors:
         raise ValueError("invalid configuration: " + "; ".join(errors))
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    global_batch = world * cfg.train.micro_batch * cfg.train.grad_accum
+    kn = global_batch(cfg)
     accum = cfg.train.grad_accum
     steps_per_epoch = micro_batches_per_rank(cfg.data.train_samples, world, cfg.train.micro_batch, accum) // accum
     if steps_per_epoch < 1:
         raise ValueError(
-            f"data.train_samples={cfg.data.train_samples} gives no full step at global_batch={global_batch}; "
+            f"data.train_samples={cfg.data.train_samples} gives no full step at global_batch={kn}; "
             "use fewer ranks, a smaller train.micro_batch or train.grad_accum"
         )
     if cfg.train.precise_bn_batches > steps_per_epoch * accum:
         raise ValueError(f"train.precise_bn_batches={cfg.train.precise_bn_batches} exceeds the "
                          f"{steps_per_epoch * accum} micro-batches a rank reads per epoch; use fewer")
-    scale = global_batch / cfg.optim.reference_batch
+    scale = kn / cfg.optim.reference_batch
     warmup = 0
-    if global_batch > cfg.optim.reference_batch:
+    if kn > cfg.optim.reference_batch:
         warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     return Plan(
         world_size=world,
-        global_batch=global_batch,
+        global_batch=kn,
         peak_lr=cfg.optim.base_lr * scale ** (0.5 if cfg.optim.scaling == "sqrt" else 1),
         steps_per_epoch=steps_per_epoch,
         warmup_steps=warmup,
@@ -474,13 +474,18 @@ def differences(old: dict, new: dict, ignore: typing.Collection[str] = ()) -> li
             if value(old, section, key) != value(new, section, key) and f"{section}.{key}" not in ignore]
 
 
+def global_batch(cfg: Config) -> int:
+    """kn, images per optimizer step: ranks x train.micro_batch x train.grad_accum."""
+    return cfg.cluster.nodes * cfg.cluster.gpus_per_node * cfg.train.micro_batch * cfg.train.grad_accum
+
+
 def keep_global_batch(saved: Config, cfg: Config, grad_accum_given: bool) -> Config:
     """cfg for resuming a run saved as `saved` on cfg's cluster shape: train.grad_accum derived so that the
     global batch kn stays (unless the overrides set it); raises naming the rank counts that keep kn."""
     ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if grad_accum_given:
         return cfg
-    kn = saved.cluster.nodes * saved.cluster.gpus_per_node * saved.train.micro_batch * saved.train.grad_accum
+    kn = global_batch(saved)
     n = cfg.train.micro_batch
     if kn % (ranks * n):
         fits = [k for k in range(1, kn // n + 1) if kn % (k * n) == 0]

@@ -85,7 +85,7 @@ def check_resume(run: Run, saved: config.Config) -> None:
     if changed:
         raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "
                          "run, or the same settings to resume this one")
-    kn = saved.cluster.nodes * saved.cluster.gpus_per_node * saved.train.micro_batch * saved.train.grad_accum
+    kn = config.global_batch(saved)
     if run.plan.global_batch != kn:
         raise ValueError(f"{path}: the run's global batch is {kn}, and this command's would be {run.plan.global_batch} "
                          "(ranks x train.micro_batch x train.grad_accum); drop train.grad_accum to keep it, or pass a "
