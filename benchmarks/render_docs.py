@@ -54,21 +54,26 @@ def loader(result: dict) -> list[str]:
             workers = key.split("_")[-2]
             names[key] = (f"ours, {'indexed' if 'indexed' in key else 'streaming'}, through the DataLoader, {workers} "
                           f"workers on the {result['cpu_count']} cores")
+        elif key.endswith("_processes"):  # bare_decode_full_<W>_processes
+            names[key] = f"bare full-size decode, ours, {key.split('_')[-2]} processes at once (their sum)"
     rows = [[names[key], f"{value:,.0f}"] for key, value in median.items()]
     shards = result["distinct_shards_per_batch"]
     return ["## Loader (`benchmarks/loader.py`)", "",
             f"{result['images']:,} ImageNet-sized JPEGs ({result['mean_pixels'] / 1e3:.0f} kpixel, "
             f"{result['mean_kb']:.0f} KB and {result['bytes_per_pixel']:.2f} bytes per pixel on average; ImageNet's "
             f"~0.8), one core each, median of {result['rounds']} rounds:", "",
-            *table(["pipeline", "images/s per core"], rows), "",
+            *table(["pipeline", "images/s (one process on one core unless the row says)"], rows), "",
             f"Ours is {result['ours_vs_imagefolder']:.2f}x ImageFolder, {result['ours_vs_bare_decode']:.2f} of the "
             f"faster bare decoder ({result['ours_vs_bare_decode_pil']:.2f} of PIL's); reduced-size decoding gives "
             f"{result['draft_speedup']:.2f}x. Indexed access runs at {result['indexed_vs_stream']:.3f} of streaming "
             f"(per-round median). A batch of 32 draws from {shards['indexed']:.1f} distinct shards of the "
-            f"{result['shards']} with indexed access, from {shards['stream']:.1f} when streaming. Through the "
-            f"DataLoader, each indexed worker makes "
-            f"{result['ours_indexed_dataloader_per_worker_vs_bare_decode']:.2f} of the bare decode rate of one core.",
-            ""]
+            f"{result['shards']} with indexed access, from {shards['stream']:.1f} when streaming.", "",
+            f"Paired, batch by batch (ours on a batch of the indexed stream, then bare decode of the same JPEGs, in "
+            f"turn, so that the machine's drift cancels): ours makes {result['ours_vs_bare_decode_paired']:.2f} of "
+            "the bare decode rate. Through the DataLoader, each indexed worker makes "
+            f"{result['ours_indexed_dataloader_per_worker_vs_bare_decode']:.2f} of the bare decode rate of one core, "
+            f"and the workers together {result['ours_indexed_dataloader_vs_bare_decode_parallel']:.2f} of bare decode "
+            "running in as many processes at once.", ""]
 
 
 def shards(result: dict) -> list[str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import matplotlib.cbook
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -325,8 +326,7 @@ def test_train_decode_full_crop_is_the_resized_photo(side):
     ref = v2.functional.pil_to_tensor(Image.open(square).resize((224, 224), Image.Resampling.BILINEAR)).float()
     flips = set()
     for seed in range(8):
-        torch.manual_seed(seed)
-        ours = decode.decode_train(square.getvalue(), cfg).float()
+        ours = decode.decode_train(square.getvalue(), cfg, np.random.default_rng(seed)).float()
         flipped = (ours - ref.flip(-1)).abs().mean() < (ours - ref).abs().mean()
         flips.add(bool(flipped))
         assert_same_picture(ours, ref.flip(-1) if flipped else ref)
@@ -351,10 +351,42 @@ def test_decode_full_gives_torchcodecs_pixels_and_the_fallback_the_same_without_
 def test_train_crops_vary_in_scale_and_aspect():
     cfg = imagenet_cfg()
     photo = open(PHOTO, "rb").read()
-    torch.manual_seed(0)
-    crops = [decode.decode_train(photo, cfg) for _ in range(4)]
+    rng = np.random.default_rng(0)
+    crops = [decode.decode_train(photo, cfg, rng) for _ in range(4)]
     assert all(c.shape == (3, 224, 224) and c.dtype == torch.uint8 for c in crops)
     assert len({c.float().mean().round().item() for c in crops}) > 1
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (300, 300)])
+def test_crops_are_drawn_as_torchvisions_random_resized_crop_draws_them(size):
+    """draw_crop is RandomResizedCrop.get_params on a numpy generator: 4,000 boxes of each have the same
+    distribution of area, aspect ratio and position (within sampling error), all inside the image, and flips
+    are half."""
+    cfg = imagenet_cfg()
+    rng = np.random.default_rng(0)
+    ours = [decode.draw_crop(size, cfg, rng) for _ in range(4000)]
+    torch.manual_seed(0)
+    image = Image.new("RGB", size)
+    theirs = [v2.RandomResizedCrop.get_params(image, scale=(cfg.crop_scale_min, 1.0), ratio=decode.ASPECT_RATIOS)
+              for _ in range(4000)]
+    width, height = size
+
+    def stats(boxes):
+        top, left, h, w = np.array(boxes, dtype=float).T
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        return np.array([(h * w).mean() / (width * height), np.log(w / h).mean(), (top + h / 2).mean() / height,
+                         (left + w / 2).mean() / width, ((h * w) / (width * height)).std()])
+
+    assert np.abs(stats([box for box, _ in ours]) - stats(theirs)).max() < 0.02
+    assert abs(np.mean([flip for _, flip in ours]) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("size", [(1000, 20), (20, 1000)])
+def test_when_no_crop_fits_the_centre_crop_is_torchvisions(size):
+    """Ten draws that do not fit (a strip of an image): the centre crop at the nearest allowed aspect ratio."""
+    box, _ = decode.draw_crop(size, imagenet_cfg(), np.random.default_rng(0))
+    theirs = v2.RandomResizedCrop.get_params(Image.new("RGB", size), scale=(0.08, 1.0), ratio=decode.ASPECT_RATIOS)
+    assert box == tuple(theirs) and min(box[2:]) < 30
 
 
 def test_normalize_uses_mean_and_std():

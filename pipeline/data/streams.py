@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig, loader_mode
-from pipeline.data.decode import DECODE_ERRORS, Encoded, decode_eval, decode_train, encode_train, encoded_batch
+from pipeline.data.decode import DECODE_ERRORS, Encoded, decode_eval, decode_train, encode_train, encoded_batch, stack
 from pipeline.data.manifest import Manifest, load_index
 from pipeline.data.order import (batches_before, block_shuffle, epoch_order, epoch_permutation, micro_batch_index,
                                  micro_batch_samples, stream_segments, worker_batches)
@@ -52,7 +52,7 @@ def warn_corrupt(sample: dict, err: Exception) -> None:
 
 
 def make_batch(samples: list[dict], decode: Callable[[bytes], object],
-               on_corrupt: Callable[[dict, Exception], None], combine: Callable[[list], object] = torch.stack) -> Batch:
+               on_corrupt: Callable[[dict, Exception], None], combine: Callable[[list], object] = stack) -> Batch:
     """Decode a batch (combine makes one batch of the decoded images); a corrupt sample (reported through
     on_corrupt) is replaced by a fresh decode of another sample of the same batch, so every batch keeps
     exactly n images."""
@@ -81,15 +81,14 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], object],
 
 
 def train_batch(samples: list[dict], cfg: DataConfig, seed: list[int]) -> Batch:
-    """A training batch whose crops and flips draw from a generator seeded by `seed` alone; the caller's
-    generator is left as it was (with workers=0 the loader runs inside the training process). Under
+    """A training batch whose crops and flips draw from a generator of its own seeded by `seed` alone; torch's
+    and numpy's global generators are not touched (with workers=0 the loader runs inside the training process). Under
     data.decode=gpu the images stay encoded with the crops and flips drawn: the same ones (pipeline.data.decode).
     A sample whose header PIL cannot read is corrupt here; one whose body does not decode, on the device."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        if cfg.decode == "gpu":
-            return make_batch(samples, lambda jpeg: encode_train(jpeg, cfg), warn_corrupt, encoded_batch)
-        return make_batch(samples, lambda jpeg: decode_train(jpeg, cfg), warn_corrupt)
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    if cfg.decode == "gpu":
+        return make_batch(samples, lambda jpeg: encode_train(jpeg, cfg, rng), warn_corrupt, encoded_batch)
+    return make_batch(samples, lambda jpeg: decode_train(jpeg, cfg, rng), warn_corrupt)
 
 
 def _worker() -> tuple[int, int]:
