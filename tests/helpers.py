@@ -48,6 +48,18 @@ def run_module(module: str, *args, cwd=None, timeout: float = 300) -> subprocess
                           cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
+def run_here(main, capsys, *args) -> subprocess.CompletedProcess:
+    """A command line's main(argv) in this process, its output taken from capsys: what run_module gives, without
+    the 3-5 s of a new Python importing torch. For checks of what a command says; tests that run each command
+    line as a process stay beside them."""
+    try:
+        code = main(list(args)) or 0
+    except SystemExit as exit_:  # argparse's refusals, parser.exit
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
 def pick_port() -> int:
     """A TCP port nobody listens on now."""
     with socket.socket() as s:

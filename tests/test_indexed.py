@@ -11,12 +11,14 @@ import shutil
 import numpy as np
 import torch
 import webdataset as wds
-from helpers import run_module
+from helpers import run_here
 
 from pipeline import config
 from pipeline.data import manifest as manifests
 from pipeline.data import order, streams, workers
+from pipeline.data.__main__ import main as data_main
 from pipeline.data.samples import SampleReader
+from pipeline.shards.__main__ import main as shards_main
 
 
 def data_cfg(**changes):
@@ -86,10 +88,10 @@ def test_a_batch_draws_from_many_shards_not_from_a_few(shard_dir):
     assert np.mean(indexed) > 5 and np.mean(streamed) < 2.5
 
 
-def test_two_shapes_with_one_global_batch_see_the_same_micro_batches_through_inspect(shard_dir):
+def test_two_shapes_with_one_global_batch_see_the_same_micro_batches_through_inspect(shard_dir, capsys):
     def inspect(world, accum):
-        out = run_module("pipeline.data", "inspect", "--shards", str(shard_dir), "--world-size", str(world),
-                         "--grad-accum", str(accum), "--batch-size", "4", "--workers", "3", "--epoch", "2")
+        out = run_here(data_main, capsys, "inspect", "--shards", str(shard_dir), "--world-size", str(world),
+                       "--grad-accum", str(accum), "--batch-size", "4", "--workers", "3", "--epoch", "2")
         assert out.returncode == 0, out.stderr
         return {(r["step"], r["micro_batch"]): r["keys"] for r in map(json.loads, out.stdout.splitlines())}
     two_by_two, four = inspect(2, 2), inspect(4, 1)
@@ -131,7 +133,7 @@ def test_a_resumed_epoch_continues_with_exactly_the_samples_not_yet_used(shard_d
     assert resumed == {key: keys for key, keys in before.items() if key[0] >= 2}
 
 
-def test_shards_without_an_index_get_one_with_one_command(shard_dir, tmp_path):
+def test_shards_without_an_index_get_one_with_one_command(shard_dir, tmp_path, capsys):
     old = tmp_path / "old shards"
     shutil.copytree(shard_dir, old)
     for split in ("train", "val"):  # as written before the converter wrote the index
@@ -139,17 +141,17 @@ def test_shards_without_an_index_get_one_with_one_command(shard_dir, tmp_path):
         raw = json.loads(manifests.manifest_path(old, split).read_text())
         del raw["index_sha256"]
         manifests.manifest_path(old, split).write_text(json.dumps(raw))
-    refused = run_module("pipeline.data", "inspect", "--shards", str(old), "--steps", "1")
+    refused = run_here(data_main, capsys, "inspect", "--shards", str(old), "--steps", "1")
     assert refused.returncode == 2
     assert f"has no sample index ({old / 'train.index.npy'})" in refused.stderr
     assert f"add it with: python -m pipeline.shards index {old}" in refused.stderr
-    added = run_module("pipeline.shards", "index", str(old))
+    added = run_here(shards_main, capsys, "index", str(old))
     assert added.returncode == 0, added.stderr
     for split in ("train", "val"):
         assert np.array_equal(np.load(manifests.index_path(old, split)), np.load(manifests.index_path(shard_dir, split)))
-    assert run_module("pipeline.shards", "verify", str(old)).returncode == 0
+    assert run_here(shards_main, capsys, "verify", str(old)).returncode == 0
     np.save(manifests.index_path(old, "train"), np.zeros(240, dtype=manifests.INDEX_DTYPE))  # tampered with
-    damaged = run_module("pipeline.shards", "verify", str(old))
+    damaged = run_here(shards_main, capsys, "verify", str(old))
     assert damaged.returncode == 1 and "is not the index" in damaged.stderr
-    assert run_module("pipeline.data", "inspect", "--shards", str(old), "--access", "stream", "--steps", "1",
-                      "--shuffle-buffer", "20").returncode == 0  # streaming needs no index
+    assert run_here(data_main, capsys, "inspect", "--shards", str(old), "--access", "stream", "--steps", "1",
+                    "--shuffle-buffer", "20").returncode == 0  # streaming needs no index

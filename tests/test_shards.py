@@ -20,7 +20,7 @@ from pipeline.shards import convert, sources
 from pipeline.data.__main__ import main as data_main
 from pipeline.shards.__main__ import main as shards_main
 
-from helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, truncate_sample, write_tree
+from helpers import TRAIN_PER_CLASS, VAL_PER_CLASS, run_here, truncate_sample, write_tree
 
 
 def read_all(manifest):
@@ -372,6 +372,5 @@ def test_a_broken_manifest_is_named_with_what_is_wrong(tmp_path, text, message, 
         assert shards_main(command) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / 'train.json'}" in err and message in err and "python -m pipeline.shards convert" in err
-    with pytest.raises(SystemExit) as exit_:  # in process: test_data runs the inspect command line itself
-        data_main(["inspect", "--shards", str(tmp_path)])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    inspect = run_here(data_main, capsys, "inspect", "--shards", str(tmp_path))
+    assert inspect.returncode == 2 and message in inspect.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, pick_port, run_module, truncate_sample, weight_names
+from helpers import SMALL, pick_port, run_here, run_module, truncate_sample, weight_names
 
 from pipeline import config
 from pipeline.shards import index
@@ -22,17 +22,6 @@ from pipeline.train import checkpoint, distributed, engine, metrics, model, sche
 
 def submit(*args, cwd=None):
     return run_module("pipeline.submit", *args, cwd=cwd)
-
-
-def submit_here(capsys, *args) -> tuple[int, str, str]:
-    """The launcher's main in this process, for what needs no process of its own (5 s less than a command line
-    each): exit code (argparse's refusals included), stdout, stderr."""
-    try:
-        code = submit_main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +100,18 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
         assert g[3:] == pytest.approx(w[3:], rel=1e-5, abs=1e-6)  # model, momentum, lr and data all came back
 
 
-def test_a_changed_config_is_refused_for_an_existing_run(run):
+def test_a_changed_config_is_refused_for_an_existing_run(run, capsys):
     run_dir, args, _ = run
-    changed = submit(*args, "optim.base_lr=0.2", "train.seed=3")
+    changed = run_here(submit_main, capsys, *args, "optim.base_lr=0.2", "train.seed=3")
     assert changed.returncode == 2 and "holds another config" in changed.stderr
     assert "optim.base_lr: 0.0125 -> 0.2; train.seed: 0 -> 3" in changed.stderr
     saved = run_dir / "ds_config.json"
     original = saved.read_text()
     try:  # a run started before the JSON turned DeepSpeed's timers off resumes; another optimisation does not
         saved.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "timers"}))
-        assert submit(*args, "--dry-run").returncode == 0
+        assert run_here(submit_main, capsys, *args, "--dry-run").returncode == 0
         saved.write_text(json.dumps({**json.loads(original), "communication_data_type": "bf16"}))
-        refused = submit(*args, "--dry-run")
+        refused = run_here(submit_main, capsys, *args, "--dry-run")
         assert refused.returncode == 2 and "this run was started with in communication_data_type" in refused.stderr
     finally:
         saved.write_text(original)
@@ -137,21 +126,22 @@ def test_a_changed_config_is_refused_for_an_existing_run(run):
     (["--sweep", "train.micro_batch"], "is not KEY=V1,V2"),
 ])
 def test_bad_slurm_flags_are_refused_before_anything_runs(flags, message, capsys):
-    code, _, err = submit_here(capsys, "--preset", "goyal_r50_bs8k", "--dry-run", *flags)
-    assert code == 2 and message in err, err
+    result = run_here(submit_main, capsys, "--preset", "goyal_r50_bs8k", "--dry-run", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_multi_node_run_folders_must_be_on_a_shared_filesystem(shard_dir, tmp_path):
+def test_multi_node_run_folders_must_be_on_a_shared_filesystem(shard_dir, tmp_path, capsys):
     run_dir = Path("/dev/shm") / f"pipeline-test-{os.getpid()}"
-    result = submit("--emit-sbatch", str(tmp_path / "job.sbatch"), "--nodes", "2", "--run-dir", str(run_dir),
-                    f"data.shards={shard_dir}", *SMALL)
+    result = run_here(submit_main, capsys, "--emit-sbatch", str(tmp_path / "job.sbatch"), "--nodes", "2",
+                      "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL)
     assert result.returncode == 2 and "is on a tmpfs filesystem (mounted at /dev/shm)" in result.stderr
     assert "--assume-shared" in result.stderr and not run_dir.exists()
 
 
-def test_sweep_dry_run_lists_every_run(tmp_path):
-    result = submit("--preset", "goyal_r50_bs256", "--dry-run", "--json", "--run-dir", str(tmp_path / "sweep"),
-                    "--sweep", "train.micro_batch=16,32", "--sweep", "optim.nesterov=false,true")
+def test_sweep_dry_run_lists_every_run(tmp_path, capsys):
+    result = run_here(submit_main, capsys, "--preset", "goyal_r50_bs256", "--dry-run", "--json",
+                      "--run-dir", str(tmp_path / "sweep"), "--sweep", "train.micro_batch=16,32",
+                      "--sweep", "optim.nesterov=false,true")
     assert result.returncode == 0, result.stderr
     plans = json.loads(result.stdout)
     assert [Path(p["run_dir"]).name for p in plans] == [
@@ -160,8 +150,9 @@ def test_sweep_dry_run_lists_every_run(tmp_path):
     assert [p["plan"]["peak_lr"] for p in plans] == [0.05, 0.05, 0.1, 0.1]
 
 
-def test_missing_shards_fail_before_anything_is_submitted(tmp_path):
-    result = submit("--cluster", "local", "--run-dir", str(tmp_path / "run"), f"data.shards={tmp_path}", *SMALL)
+def test_missing_shards_fail_before_anything_is_submitted(tmp_path, capsys):
+    result = run_here(submit_main, capsys, "--cluster", "local", "--run-dir", str(tmp_path / "run"),
+                      f"data.shards={tmp_path}", *SMALL)
     assert result.returncode == 2
     assert "python -m pipeline.shards convert" in result.stderr
     assert not (tmp_path / "run").exists()
@@ -188,24 +179,24 @@ def test_debug_cluster_refuses_several_ranks(shard_dir, tmp_path):
     assert result.returncode == 2 and "world_size=2" in result.stderr
 
 
-def test_dry_run_json_is_the_plan():
-    result = submit("--preset", "goyal_r50_bs8k", "--dry-run", "--json")
+def test_dry_run_json_is_the_plan(capsys):
+    result = run_here(submit_main, capsys, "--preset", "goyal_r50_bs8k", "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)["plan"]
     assert (plan["global_batch"], plan["steps_per_epoch"], plan["warmup_steps"]) == (8192, 156, 780)
 
 
 def test_dry_run_predicts_step_time_and_scaling_on_the_papers_cluster(capsys):
-    code, out, err = submit_here(capsys, "--preset", "goyal_r50_bs8k", "--dry-run")
-    assert code == 0, err
-    line = next(line for line in out.splitlines() if line.startswith("predicted on p100-50gbe"))
+    result = run_here(submit_main, capsys, "--preset", "goyal_r50_bs8k", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("predicted on p100-50gbe"))
     assert "step 233.8 ms" in line and "35,036 images/s" in line and "90 epochs in 0.91 h" in line
     assert "scaling efficiency 96.7% of one node" in line
-    _, out, _ = submit_here(capsys, "--dry-run")
-    assert "no prediction: hardware p100-50gbe has compute times for resnet50, not resnet10" in out
-    code, out, err = submit_here(capsys, "--dry-run", "--hardware", "p4")
-    assert code == 2 and "--hardware p4: neither a preset (p100-50gbe) nor a file" in err
-    assert "world_size" not in out  # refused before the plan is printed
+    demo = run_here(submit_main, capsys, "--dry-run")
+    assert "no prediction: hardware p100-50gbe has compute times for resnet50, not resnet10" in demo.stdout
+    wrong = run_here(submit_main, capsys, "--dry-run", "--hardware", "p4")
+    assert wrong.returncode == 2 and "--hardware p4: neither a preset (p100-50gbe) nor a file" in wrong.stderr
+    assert "world_size" not in wrong.stdout  # refused before the plan is printed
 
 
 def test_emit_sbatch_prepares_the_run_and_submits_nothing(shard_dir, weird_root):
@@ -346,20 +337,22 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_fails(shard_dir,
     assert "diverged: the loss was not finite" in result.stdout
 
 
-def test_a_run_folder_that_never_trained_takes_the_corrected_command(shard_dir, tmp_path):
+def test_a_run_folder_that_never_trained_takes_the_corrected_command(shard_dir, tmp_path, capsys):
     run_dir = tmp_path / "first try"
     same = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL]
-    assert submit(*same, "--emit-sbatch", str(tmp_path / "a.sbatch"), "optim.base_lr=0.5").returncode == 0
-    again = submit(*same, "--emit-sbatch", str(tmp_path / "b.sbatch"))  # the job never ran: nothing to lose
+    assert run_here(submit_main, capsys, *same, "--emit-sbatch", str(tmp_path / "a.sbatch"),
+                    "optim.base_lr=0.5").returncode == 0
+    # the job never ran: nothing to lose
+    again = run_here(submit_main, capsys, *same, "--emit-sbatch", str(tmp_path / "b.sbatch"))
     assert again.returncode == 0, again.stderr
     assert config.load_run_config(run_dir)[0].optim.base_lr == 0.0125
 
 
-def test_overrides_may_follow_options_and_dry_run_says_whether_the_shards_are_ready(shard_dir):
-    result = submit("--preset", "goyal_r50_bs256", "--dry-run", "--gpus-per-node", "4", "train.grad_accum=2",
-                    "--nodes", "1")
+def test_overrides_may_follow_options_and_dry_run_says_whether_the_shards_are_ready(shard_dir, capsys):
+    result = run_here(submit_main, capsys, "--preset", "goyal_r50_bs256", "--dry-run", "--gpus-per-node", "4",
+                      "train.grad_accum=2", "--nodes", "1")
     assert result.returncode == 0, result.stderr
     assert "global_batch=256 (32/gpu x 4 x accum 2)" in result.stdout
     assert "shards: NOT READY: no manifest" in result.stdout and "python -m pipeline.shards convert" in result.stdout
-    ready = submit("--dry-run", f"data.shards={shard_dir}", *SMALL)
+    ready = run_here(submit_main, capsys, "--dry-run", f"data.shards={shard_dir}", *SMALL)
     assert "shards: ready" in ready.stdout
