@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import SMALL, run_module
+from helpers import SMALL, run_here, run_module
 
 from pipeline import config
+from pipeline.submit import main as submit_main
 from pipeline.train import engine, loop, metrics, schedule
 
 # lars_r50_bs32k: 1,281,167 // 32768 = 39 steps an epoch, warmup 14 x 39 = 546 steps, 90 x 39 = 3510 in all;
@@ -30,8 +31,8 @@ def test_golden_poly_schedule_of_the_32k_preset(epoch, lr):
     assert schedule.lr_at(epoch * plan.steps_per_epoch, cfg.optim.base_lr, plan, cfg.schedule) == pytest.approx(lr)
 
 
-def test_the_32k_preset_dry_run_shows_its_plan():
-    result = run_module("pipeline.submit", "--preset", "lars_r50_bs32k", "--dry-run")
+def test_the_32k_preset_dry_run_shows_its_plan(capsys):
+    result = run_here(submit_main, capsys, "--preset", "lars_r50_bs32k", "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "global_batch=32768" in result.stdout and "steps/epoch=39" in result.stdout
     assert "warmup_steps=546 total_steps=3510" in result.stdout and "optim=lars schedule=poly" in result.stdout

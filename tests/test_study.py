@@ -8,10 +8,11 @@ import shutil
 import statistics
 
 import pytest
-from helpers import SMALL, run_module
+from helpers import SMALL, run_here, run_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import reproduce
+from pipeline.submit import main as submit_main
 from pipeline.train import metrics
 
 # The quick study on the shard_dir fixture: kn 8 (1x), 32 (4x, with and without warmup), two epochs each.
@@ -80,9 +81,9 @@ def test_a_stopped_study_resumes_without_redoing_finished_runs(study):
     assert table["rows"][2]["mean"] == recomputed_error(redo)
 
 
-def test_several_runs_are_overlaid_in_one_picture(study):
+def test_several_runs_are_overlaid_in_one_picture(study, capsys):
     out, _, _ = study
-    result = run_module("pipeline.submit", "--report", str(out / "runs" / "kn1x-seed0"), str(out / "runs" / "kn4x-seed0"))
+    result = run_here(submit_main, capsys, "--report", str(out / "runs" / "kn1x-seed0"), str(out / "runs" / "kn4x-seed0"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "runs" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     assert "the 2 runs overlaid" in result.stdout and "kn1x-seed0: top-1 error" in result.stdout

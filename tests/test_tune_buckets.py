@@ -5,11 +5,13 @@ import json
 import pytest
 from pipeline import config, dsconfig
 from pipeline.scaling import model as scaling
+from pipeline.submit import main as submit_main
+from pipeline.tune_buckets import main as tune_main
 
-from helpers import run_module
+from helpers import run_here, run_module
 
 
-def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(weird_root):
+def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(weird_root, capsys):
     run = weird_root / "tune run"
     tuned = weird_root / "tuned ds.json"
     result = run_module("pipeline.tune_buckets", "--cluster", "local", "--run-dir", str(run), "--sizes", "100000,1e9",
@@ -30,10 +32,10 @@ def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(we
     hardware = scaling.load_hardware(str(run / "hardware.json"))
     assert (hardware.arch, hardware.gpus_per_node, hardware.inter) == ("resnet10", 2, None)
     assert hardware.intra.bandwidth_Bps > 0 and hardware.backward_s > 0 and hardware.forward_s > 0
-    dry = run_module("pipeline.submit", "--dry-run", "--hardware", str(run / "hardware.json"))
+    dry = run_here(submit_main, capsys, "--dry-run", "--hardware", str(run / "hardware.json"))
     assert dry.returncode == 0 and f"predicted on measured-{run.name}" in dry.stdout, dry.stderr
-    more = run_module("pipeline.submit", "--dry-run", "--hardware", str(run / "hardware.json"), "--nodes", "2",
-                      "--cluster", "local")
+    more = run_here(submit_main, capsys, "--dry-run", "--hardware", str(run / "hardware.json"), "--nodes", "2",
+                    "--cluster", "local")
     assert "no prediction: hardware measured-tune run has no inter-node measurement" in more.stdout
 
 
@@ -44,13 +46,13 @@ def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(we
     (["--sweep", "train.micro_batch=8,16"], "unrecognized arguments: --sweep"),
     (["--write", "/proc/nope/ds.json"], "--write /proc/nope/ds.json: cannot write"),
 ])
-def test_bad_tuning_flags_are_refused_before_anything_runs(flags, message, tmp_path):
-    result = run_module("pipeline.tune_buckets", "--cluster", "local", "--run-dir", str(tmp_path / "run"), *flags)
+def test_bad_tuning_flags_are_refused_before_anything_runs(flags, message, tmp_path, capsys):
+    result = run_here(tune_main, capsys, "--cluster", "local", "--run-dir", str(tmp_path / "run"), *flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_tuning_help_shows_no_training_only_flags():
-    shown = run_module("pipeline.tune_buckets", "--help")
+def test_tuning_help_shows_no_training_only_flags(capsys):
+    shown = run_here(tune_main, capsys, "--help")
     assert shown.returncode == 0 and "--sizes" in shown.stdout
     assert not any(flag in shown.stdout for flag in ("--signal-delay", "--max-requeues", "--sweep"))
