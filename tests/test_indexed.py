@@ -5,12 +5,14 @@ run resumed on another number of ranks."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from helpers import run_here
 
 from pipeline import config
@@ -19,6 +21,7 @@ from pipeline.data import order, streams, workers
 from pipeline.data.__main__ import main as data_main
 from pipeline.data.samples import SampleReader
 from pipeline.shards.__main__ import main as shards_main
+from pipeline.shards.index import index as shards_index
 
 
 def data_cfg(**changes):
@@ -50,8 +53,9 @@ def test_the_index_reads_every_sample_with_one_positioned_read(shard_dir):
         streamed = list(wds.WebDataset(manifest.urls(), shardshuffle=False))
         assert len(rows) == len(streamed) == manifest.num_samples
         for row, want in zip(rows, streamed):
-            got = reader.read(int(row["shard"]), int(row["offset"]), int(row["length"]))
+            got = reader.read(row)
             assert (got["__key__"], got["jpg"], got["cls"]) == (want["__key__"], want["jpg"], want["cls"])
+            assert got["size"] == Image.open(io.BytesIO(want["jpg"])).size
         reader.close()
 
 
@@ -155,3 +159,66 @@ def test_shards_without_an_index_get_one_with_one_command(shard_dir, tmp_path, c
     assert damaged.returncode == 1 and "is not the index" in damaged.stderr
     assert run_here(data_main, capsys, "inspect", "--shards", str(old), "--access", "stream", "--steps", "1",
                     "--shuffle-buffer", "20").returncode == 0  # streaming needs no index
+
+
+def test_sizes_from_the_index_give_the_crops_and_pixels_of_reading_the_header(shard_dir):
+    """Indexed samples carry their image's size from the index, so the loader reads no JPEG header: the same
+    crops, flips and pixels as with the header read, on both decoding paths."""
+    manifest = manifests.load_manifest(shard_dir, "train")
+    reader = SampleReader(manifest.urls())
+    samples = [reader.read(row) for row in manifests.load_index(manifest)[:16]]
+    reader.close()
+    assert all(s["size"] == (28, 28) for s in samples)  # Fashion-MNIST
+    header_read = [{k: v for k, v in s.items() if k != "size"} for s in samples]
+    cfg = data_cfg()
+    ours, theirs = streams.train_batch(samples, cfg, [0, 1, 2]), streams.train_batch(header_read, cfg, [0, 1, 2])
+    assert torch.equal(ours.images, theirs.images) and ours.keys == theirs.keys
+    gpu = dataclasses.replace(cfg, decode="gpu")
+    ours, theirs = (streams.train_batch(batch, gpu, [0, 1, 2]).images for batch in (samples, header_read))
+    assert (ours.boxes, ours.flips) == (theirs.boxes, theirs.flips)
+
+
+def test_a_long_key_and_an_unreadable_jpeg_header_through_the_index(tmp_path, capfd):
+    """A name too long for its tar header (a pax header before it) is read whole; a JPEG whose header does not
+    read is indexed with no size and replaced in its batch like any corrupt sample."""
+    photo = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(photo, format="JPEG")
+    long_key = "n" * 150
+    samples = [{"__key__": long_key, "jpg": photo.getvalue(), "cls": b"1"},
+               {"__key__": "junk", "jpg": b"not a jpeg", "cls": b"0"}]
+    samples += [{"__key__": f"s{i}", "jpg": photo.getvalue(), "cls": b"1"} for i in range(6)]
+    for split in ("train", "val"):
+        with wds.TarWriter(str(tmp_path / f"{split}-000000.tar")) as sink:
+            for sample in samples:
+                sink.write(sample)
+        (tmp_path / f"{split}.json").write_text(json.dumps({
+            "split": split, "num_samples": 8, "classes": ["a", "b"], "skipped": [],
+            "shards": [{"name": f"{split}-000000.tar", "num_samples": 8, "sha256": ""}]}))
+    shards_index(tmp_path)
+    manifest = manifests.load_manifest(tmp_path, "train")
+    rows = manifests.load_index(manifest)
+    assert (rows["width"][0], rows["height"][0], rows["width"][1], rows["label"][0]) == (40, 30, 0, 1)
+    batch = next(iter(indexed_stream(manifest, 8, 0, 1, 1, cfg=data_cfg(workers=0))))
+    assert long_key in batch.keys and "junk" not in batch.keys and batch.corrupt == 1
+    assert "sample 'junk' is not a decodable image" in capfd.readouterr().err
+
+
+def test_an_index_of_the_earlier_format_is_refused_with_the_command_that_rebuilds_it(shard_dir, tmp_path, capsys):
+    old = tmp_path / "old shards"
+    shutil.copytree(shard_dir, old)
+    for split in ("train", "val"):  # (shard, offset, length) rows, as written before sizes were indexed
+        rows = np.load(manifests.index_path(old, split))
+        earlier = np.zeros(len(rows), dtype=[("shard", "<u4"), ("offset", "<u8"), ("length", "<u4")])
+        for name in earlier.dtype.names:
+            earlier[name] = rows[name]
+        np.save(manifests.index_path(old, split), earlier)
+        raw = json.loads(manifests.manifest_path(old, split).read_text())
+        raw["index_sha256"] = manifests.file_sha256(manifests.index_path(old, split))
+        manifests.manifest_path(old, split).write_text(json.dumps(raw))
+    refused = run_here(data_main, capsys, "inspect", "--shards", str(old), "--steps", "1")
+    assert refused.returncode == 2 and "is a sample index of an earlier format" in refused.stderr
+    assert f"rebuild it with: python -m pipeline.shards index {old}" in refused.stderr
+    assert run_here(shards_main, capsys, "index", str(old)).returncode == 0
+    rebuilt, fresh = (np.load(manifests.index_path(folder, "train")) for folder in (old, shard_dir))
+    assert np.array_equal(rebuilt, fresh)
+    assert run_here(shards_main, capsys, "verify", str(old)).returncode == 0

@@ -52,24 +52,31 @@ def as_tensor(jpeg: bytes) -> torch.Tensor:
         return torch.frombuffer(jpeg, dtype=torch.uint8)
 
 
-def _pixels(jpeg: bytes, image: Image.Image, shrink: float) -> tuple[torch.Tensor, float, float]:
-    """uint8 [3, H, W] (a channels_last view) and its (x, y) scale against the full image.
+def _pixels(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[torch.Tensor, float, float]:
+    """uint8 [3, H, W] (a channels_last view) of a JPEG of the given size and its (x, y) scale against the full
+    image.
 
     When the crop lets the image be `shrink` >= 2 times smaller, PIL's draft decodes it at 1/2, 1/4 or
     1/8 size inside the DCT (4-64x fewer pixels); otherwise decode_full, the fastest full-size decoder
     here (libjpeg-turbo, straight into a tensor). A file decode_full refuses gets PIL's full decode,
     so a sample is corrupt only when PIL cannot read it either (the converter checked it with PIL).
     """
-    width, height = image.size
-    if shrink >= 2:
-        image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-    else:
+    if shrink < 2:
         try:
             return decode_full(jpeg), 1.0, 1.0
         except RuntimeError:
             pass
+    image = Image.open(io.BytesIO(jpeg))
+    width, height = size
+    if shrink >= 2:
+        image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
     pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     return pixels, pixels.shape[2] / width, pixels.shape[1] / height
+
+
+def image_size(jpeg: bytes, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(width, height) of a JPEG: `size` where the sample index gave it, else read from its header."""
+    return size or Image.open(io.BytesIO(jpeg)).size
 
 
 def _resized_crop(pixels: torch.Tensor, sx: float, sy: float, top: float, left: float, h: float, w: float,
@@ -85,7 +92,8 @@ def _resized_crop(pixels: torch.Tensor, sx: float, sy: float, top: float, left: 
     return F.resize(crop, [size, size], antialias=True)[0]
 
 
-def draw_crop(size: tuple[int, int], cfg: DataConfig, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
+def draw_crop(size: tuple[int, int], cfg: DataConfig,
+              rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
     """The random-resized crop of an image of size (width, height): its box (top, left, height, width in
     full-image pixels; crop_scale_min..1 of the area, aspect ratio 3/4..4/3 drawn log-uniformly) and whether to
     flip, drawn from rng in that order (paper 5.1, Szegedy et al.).
@@ -111,11 +119,13 @@ def draw_crop(size: tuple[int, int], cfg: DataConfig, rng: np.random.Generator) 
     return ((height - h) // 2, (width - w) // 2, h, w), bool(rng.random() < 0.5)
 
 
-def decode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """The random-resized crop to image_size, then the random horizontal flip (draw_crop); uint8 [3, S, S]."""
-    image = Image.open(io.BytesIO(jpeg))  # reads the header only: the size, for the crop
-    (top, left, h, w), flip = draw_crop(image.size, cfg, rng)
-    out = _resized_crop(*_pixels(jpeg, image, min(w, h) / cfg.image_size), top, left, h, w, cfg.image_size)
+def decode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The random-resized crop to image_size, then the random horizontal flip (draw_crop); uint8 [3, S, S].
+    `size`: the image's (width, height) where the sample index gives it (else its header is read)."""
+    size = image_size(jpeg, size)
+    (top, left, h, w), flip = draw_crop(size, cfg, rng)
+    out = _resized_crop(*_pixels(jpeg, size, min(w, h) / cfg.image_size), top, left, h, w, cfg.image_size)
     return out.flip(-1) if flip else out
 
 
@@ -136,11 +146,11 @@ class Encoded(NamedTuple):
     flips: list[bool]
 
 
-def encode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator
+def encode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator, size: tuple[int, int] | None = None
                  ) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
-    """What a loader worker does for one image under data.decode=gpu: read its header and draw its crop and
-    flip, exactly as decode_train would (the same generator calls), without decoding it."""
-    box, flip = draw_crop(Image.open(io.BytesIO(jpeg)).size, cfg, rng)
+    """What a loader worker does for one image under data.decode=gpu: draw its crop and flip, exactly as
+    decode_train would (the same size, the same generator calls), without decoding it."""
+    box, flip = draw_crop(image_size(jpeg, size), cfg, rng)
     return as_tensor(jpeg), box, flip
 
 
@@ -191,11 +201,10 @@ def decode_full_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[t
 def decode_eval(jpeg: bytes, cfg: DataConfig) -> torch.Tensor:
     """Shorter side to eval_resize, centre image_size crop (single-crop convention), as one resized crop;
     uint8 [3, S, S]."""
-    image = Image.open(io.BytesIO(jpeg))
-    width, height = image.size
+    width, height = size = image_size(jpeg)
     zoom = cfg.eval_resize / min(width, height)
     side = cfg.image_size / zoom  # the centre crop's side in full-image pixels
-    return _resized_crop(*_pixels(jpeg, image, 1 / zoom), (height - side) / 2, (width - side) / 2, side, side,
+    return _resized_crop(*_pixels(jpeg, size, 1 / zoom), (height - side) / 2, (width - side) / 2, side, side,
                          cfg.image_size)
 
 

@@ -10,9 +10,11 @@ the launcher and `verify`, all through this module, the one owner of the format.
 "copy" or "max_side=N" (images re-encoded no larger than N px).
 
 Beside each manifest, DIR/<split>.index.npy locates every sample for random access: one row per sample,
-in manifest order, (shard, offset, length): the byte range of the shard file that holds the sample's tar
-members (headers and data of its .cls and .jpg, which the converter writes next to each other), so one
-positioned read returns the whole sample.
+in manifest order, (shard, offset, length, jpg_offset, jpg_length, label, width, height): the byte range of
+the shard file that holds the sample's tar members (headers and data of its .cls and .jpg, which the
+converter writes next to each other), so one positioned read returns the whole sample; where the JPEG's
+bytes lie in that range; its label; and the image's size (0 x 0 where its header did not read), so that the
+loader neither parses the tar headers nor reads the JPEG header to draw the crop.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 VERSION = 1
-INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4")])
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("jpg_offset", "<u4"),
+                        ("jpg_length", "<u4"), ("label", "<i4"), ("width", "<u2"), ("height", "<u2")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,10 @@ def load_index(manifest: Manifest, check: bool = True) -> np.ndarray:
         rows = np.load(path, mmap_mode="r")
     except ValueError as err:
         raise ValueError(f"{path} is not a sample index ({err}); {fix}") from None
+    if rows.dtype.names == ("shard", "offset", "length"):
+        raise ValueError(f"{path} is a sample index of an earlier format, without the JPEGs' byte ranges and sizes "
+                         f"that the loader now reads from it; rebuild it with: python -m pipeline.shards index "
+                         f"{manifest.path.parent}")
     if rows.dtype != INDEX_DTYPE or rows.shape != (manifest.num_samples,):
         raise ValueError(f"{path} holds {rows.shape[0] if rows.ndim else 0} rows of {rows.dtype} but {manifest.path} "
                          f"lists {manifest.num_samples} samples; {fix}")

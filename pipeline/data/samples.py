@@ -11,6 +11,7 @@ import resource
 import tarfile
 from typing import Iterator
 
+import numpy as np
 import webdataset as wds
 
 from pipeline.data.order import Segment
@@ -70,26 +71,35 @@ class SampleReader:
         fd = self.files[shard] = os.open(self.urls[shard], os.O_RDONLY)
         return fd
 
-    def read(self, shard: int, offset: int, length: int) -> dict:
-        """The sample {"__key__", "__url__", "jpg", "cls"} whose members fill [offset, offset + length) of a
-        shard."""
+    def read(self, row: np.void) -> dict:
+        """The sample {"__key__", "__url__", "jpg", "cls", "size"} of a row of the sample index: one positioned read
+        of the shard's bytes [offset, offset + length); the JPEG's bytes (a view of them), the label and the size
+        (None where the indexer could not read it) as the row gives them; the key from the first tar header. The
+        header's checksum guards against a shard that is not the one indexed; the tar is parsed whole only where
+        that header is not a member's own (a name too long for it)."""
+        shard, offset, length = int(row["shard"]), int(row["offset"]), int(row["length"])
+        jpg_offset, jpg_length = int(row["jpg_offset"]), int(row["jpg_length"])
         url = self.urls[shard]
+        where = f"{url}: bytes {offset}..{offset + length}"
+        fix = "the shard does not match its index: check it with python -m pipeline.shards verify"
         data = os.pread(self._fd(shard), length, offset)
-        sample = {"__url__": url}
+        if len(data) < length or jpg_offset < tarfile.BLOCKSIZE or jpg_offset + jpg_length > length:
+            raise ValueError(f"{where} do not hold the sample its index row describes; {fix}")
         try:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-                for member in tar:
-                    key, ext = wds.tariterators.base_plus_ext(member.name)
-                    if member.isreg() and "." + str(ext) in SAMPLE_EXTENSIONS:
-                        sample["__key__"] = key
-                        sample[ext] = tar.extractfile(member).read()
+            header = tarfile.TarInfo.frombuf(data[:tarfile.BLOCKSIZE], tarfile.ENCODING, "surrogateescape")
+            name = header.name if header.isreg() else self._first_name(data)
         except tarfile.TarError as err:
-            raise ValueError(f"{url}: bytes {offset}..{offset + length} are not a sample ({err}); the shard does not "
-                             "match its index: check it with python -m pipeline.shards verify") from None
-        if "jpg" not in sample or "cls" not in sample:
-            raise ValueError(f"{url}: bytes {offset}..{offset + length} hold no .jpg and .cls sample; the shard does "
-                             "not match its index: check it with python -m pipeline.shards verify")
-        return sample
+            raise ValueError(f"{where} are not a sample ({err}); {fix}") from None
+        width, height = int(row["width"]), int(row["height"])
+        return {"__key__": wds.tariterators.base_plus_ext(name)[0], "__url__": url,
+                "jpg": memoryview(data)[jpg_offset: jpg_offset + jpg_length], "cls": b"%d" % int(row["label"]),
+                "size": (width, height) if width and height else None}
+
+    @staticmethod
+    def _first_name(data: bytes) -> str:
+        """The full name of the first member of a sample's bytes (through its pax or GNU long-name header)."""
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return tar.next().name
 
     def close(self) -> None:
         for fd in self.files.values():

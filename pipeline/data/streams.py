@@ -51,7 +51,7 @@ def warn_corrupt(sample: dict, err: Exception) -> None:
     print(f"warning: {_describe(sample, err)}; replaced by another sample of its batch", file=sys.stderr, flush=True)
 
 
-def make_batch(samples: list[dict], decode: Callable[[bytes], object],
+def make_batch(samples: list[dict], decode: Callable[[dict], object],
                on_corrupt: Callable[[dict, Exception], None], combine: Callable[[list], object] = stack) -> Batch:
     """Decode a batch (combine makes one batch of the decoded images); a corrupt sample (reported through
     on_corrupt) is replaced by a fresh decode of another sample of the same batch, so every batch keeps
@@ -60,7 +60,7 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], object],
     corrupt = 0
     for sample in samples:
         try:
-            decoded.append((decode(sample["jpg"]), sample))
+            decoded.append((decode(sample), sample))
         except DECODE_ERRORS as err:
             on_corrupt(sample, err)
             corrupt += 1
@@ -69,7 +69,7 @@ def make_batch(samples: list[dict], decode: Callable[[bytes], object],
             break
         sample = decoded[attempt % len(decoded)][1]
         try:
-            decoded.append((decode(sample["jpg"]), sample))
+            decoded.append((decode(sample), sample))
         except DECODE_ERRORS as err:
             on_corrupt(sample, err)
     if len(decoded) < len(samples):
@@ -84,11 +84,13 @@ def train_batch(samples: list[dict], cfg: DataConfig, seed: list[int]) -> Batch:
     """A training batch whose crops and flips draw from a generator of its own seeded by `seed` alone; torch's
     and numpy's global generators are not touched (with workers=0 the loader runs inside the training process). Under
     data.decode=gpu the images stay encoded with the crops and flips drawn: the same ones (pipeline.data.decode).
-    A sample whose header PIL cannot read is corrupt here; one whose body does not decode, on the device."""
+    A sample whose header PIL cannot read (where the sample index gives no size) is corrupt here; one whose body
+    does not decode, on the device."""
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     if cfg.decode == "gpu":
-        return make_batch(samples, lambda jpeg: encode_train(jpeg, cfg, rng), warn_corrupt, encoded_batch)
-    return make_batch(samples, lambda jpeg: decode_train(jpeg, cfg, rng), warn_corrupt)
+        return make_batch(samples, lambda s: encode_train(s["jpg"], cfg, rng, s.get("size")), warn_corrupt,
+                          encoded_batch)
+    return make_batch(samples, lambda s: decode_train(s["jpg"], cfg, rng, s.get("size")), warn_corrupt)
 
 
 def _worker() -> tuple[int, int]:
@@ -200,7 +202,7 @@ class IndexedTrainStream(torch.utils.data.IterableDataset):
         for m in range(start + worker, self.num_batches, num_workers):
             ids = micro_batch_samples(permutation, m, self.rank, self.world_size, self.grad_accum, self.batch_size)
             rows = self._index[ids]
-            yield m, [self._reader.read(int(r["shard"]), int(r["offset"]), int(r["length"])) for r in rows]
+            yield m, [self._reader.read(row) for row in rows]
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.position[0]
@@ -242,7 +244,7 @@ class EvalStream(torch.utils.data.IterableDataset):
             yield j * num_workers + worker, [next(samples) for _ in range(size)]
 
     def __iter__(self) -> Iterator[Batch]:
-        decode = lambda jpeg: decode_eval(jpeg, self.cfg)  # noqa: E731
+        decode = lambda sample: decode_eval(sample["jpg"], self.cfg)  # noqa: E731
         for _, samples in self.sample_batches(*_worker()):
             yield make_batch(samples, decode, raise_corrupt)
 

@@ -32,7 +32,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.data.manifest import VERSION, file_sha256, load_manifest, manifest_path, write_json, write_manifest
-from pipeline.shards.index import index_rows, sample_spans
+from pipeline.shards.index import index_rows, sample_rows
 from pipeline.shards.sources import SPLITS, BadImage, list_classes, list_split, rgb_jpeg, sample_key
 
 DEFAULT_SHARD_SAMPLES = 1000  # ~110 MB shards on ImageNet
@@ -102,7 +102,7 @@ def write_shard(src: Path, out: Path, name: str, items: list[tuple[str, int]], s
         os.replace(tmp, out / name)
         record = {"entry": {"name": name, "num_samples": count, "sha256": file_sha256(out / name)},
                   "skipped": skipped, "items_sha256": _items_digest(items), "settings": settings,
-                  "bytes": (out / name).stat().st_size, "spans": sample_spans(out / name)}
+                  "bytes": (out / name).stat().st_size, "rows": sample_rows(out / name)}
         write_json(_record_path(out, name), record)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -199,14 +199,14 @@ def convert_split(src: Path, out: Path, split: str, items: list[tuple[str, int]]
         return None
     records = [finished_record(out, name, part, settings) for name, part in plan]
     shards = [r["entry"] for r in records]
-    # Records written before the index existed have no spans: read them from the shard's headers.
-    spans = [r["spans"] if "spans" in r else sample_spans(out / r["entry"]["name"]) for r in records]
+    # Records written before the index had its present rows lack them: read them from the shard's headers.
+    rows = [r["rows"] if "rows" in r else sample_rows(out / r["entry"]["name"]) for r in records]
     manifest = write_manifest(out, split, source=settings["source"], classes=classes,
                               shard_samples=settings["shard_samples"],
                               order_seed=settings["seed"] if split == "train" else None,
                               max_side=settings["max_side"], shards=shards,
                               skipped=passed_over + [skip for r in records for skip in r["skipped"]],
-                              index=index_rows(out, shards, spans))
+                              index=index_rows(out, shards, rows))
     total_bytes = sum((out / s["name"]).stat().st_size for s in shards)
     print(f"{split}: {manifest['num_samples']} samples in {len(shards)} shards, {total_bytes / 1e6:.1f} MB, "
           f"{len(manifest['skipped'])} skipped, {time.time() - started:.1f} s ({len(todo)} shards written now)",
