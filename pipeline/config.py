@@ -454,10 +454,12 @@ def to_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-# What may change when a run resumes: the cluster's shape, with the same global batch (with indexed access the
-# micro-batches, their order and their crops do not depend on it: pipeline.data.order), and the collective timeout.
-RESHAPE_KEYS = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpus_per_task", "train.grad_accum",
-                          "data.workers", "cluster.collective_timeout_s"})
+# The cluster's shape, which a run may change when it resumes with the same global batch (with indexed access the
+# micro-batches, their order and their crops do not depend on it: pipeline.data.order).
+SHAPE_KEYS = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpus_per_task", "train.grad_accum",
+                        "data.workers"})
+# What may change when a run resumes: its shape, and what does not touch the optimisation.
+RESUME_KEYS = SHAPE_KEYS | {"cluster.collective_timeout_s"}
 
 
 def differences(old: dict, new: dict, ignore: typing.Collection[str] = ()) -> list[str]:

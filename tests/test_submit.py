@@ -311,15 +311,18 @@ def starts_from_the_mean_of_the_ranks(run_dir, tag: str, out) -> None:
     assert torch.equal(state["rng"], old[0]["rng"]["torch"])
 
 
-def test_streaming_access_refuses_to_resume_on_another_shape(shard_dir, tmp_path):
-    """With data.access=stream the batches depend on the number of ranks: a resize is refused."""
+def test_streaming_access_refuses_to_resume_on_another_shape(shard_dir, tmp_path, capsys):
+    """With data.access=stream the batches depend on the number of ranks: a resize is refused; a longer
+    collective timeout is no new shape, and no other optimisation."""
     same = ["--cluster", "local", "--run-dir", str(tmp_path / "streamed"), f"data.shards={shard_dir}", *SMALL,
             "data.access=stream"]
-    assert submit(*same, "--emit-sbatch", str(tmp_path / "job.sbatch")).returncode == 0
+    assert run_here(submit_main, capsys, *same, "--emit-sbatch", str(tmp_path / "job.sbatch")).returncode == 0
     metrics.MetricsLog(tmp_path / "streamed" / "metrics.jsonl", enabled=True).write("train_iter", step=1)  # it ran
-    refused = submit(*same, "--gpus-per-node", "1", "--dry-run")
+    refused = run_here(submit_main, capsys, *same, "--gpus-per-node", "1", "--dry-run")
     assert refused.returncode == 2 and "with data.access=stream the batches depend on the cluster's shape" in refused.stderr
     assert "cluster.gpus_per_node: 2 -> 1" in refused.stderr
+    longer = run_here(submit_main, capsys, *same, "cluster.collective_timeout_s=3600", "--dry-run")
+    assert longer.returncode == 0, longer.stderr
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_fails(shard_dir, tmp_path):

@@ -81,7 +81,7 @@ def check_resume(run: Run, saved: config.Config) -> None:
     anything else that would change the optimisation is refused, naming the keys. (A folder that never
     trained is not checked: it takes the corrected command's config.)"""
     path = run.run_dir / "config.json"
-    changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESHAPE_KEYS)
+    changed = config.differences(config.to_dict(saved), config.to_dict(run.cfg), ignore=config.RESUME_KEYS)
     if changed:
         raise ValueError(f"{path} holds another config ({'; '.join(changed)}); pass a new --run-dir to start a new "
                          "run, or the same settings to resume this one")
@@ -91,7 +91,7 @@ def check_resume(run: Run, saved: config.Config) -> None:
                          "(ranks x train.micro_batch x train.grad_accum); drop train.grad_accum to keep it, or pass a "
                          "new --run-dir")
     reshaped = config.differences(config.to_dict(saved), config.to_dict(run.cfg),
-                                  ignore={"cluster.collective_timeout_s"})
+                                  ignore=config.RESUME_KEYS - config.SHAPE_KEYS)
     if reshaped and config.loader_mode(run.cfg.data) == "stream":
         raise ValueError(f"{path}: with data.access=stream the batches depend on the cluster's shape "
                          f"({'; '.join(reshaped)}); resume with the shape it ran on, or use indexed access")

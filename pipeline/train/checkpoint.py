@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RESHAPE_KEYS, differences
+from pipeline.config import RESUME_KEYS, differences
 from pipeline.train.distributed import is_primary
 
 
@@ -103,11 +103,11 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
 
     Model, optimizer (momentum buffers), lr scheduler and global step come back through DeepSpeed, this
     rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another
-    config is refused, naming the keys that differ, but for the cluster's shape (config.RESHAPE_KEYS; the
-    launcher allows that only where the batches do not depend on it). Resumed on another number of ranks,
-    every rank takes the mean of the old ranks' floating-point buffers (BN running statistics: what
-    evaluation uses anyway) and the RNG states of old rank (rank mod old ranks); nothing the training draws
-    depends on those (each micro-batch seeds its own crops and flips).
+    config is refused, naming the keys that differ, but for the cluster's shape and the collective timeout
+    (config.RESUME_KEYS; the launcher allows a new shape only where the batches do not depend on it). Resumed
+    on another number of ranks, every rank takes the mean of the old ranks' floating-point buffers (BN running
+    statistics: what evaluation uses anyway) and the RNG states of old rank (rank mod old ranks); nothing the
+    training draws depends on those (each micro-batch seeds its own crops and flips).
     """
     ckpt = directory(run_dir)
     tag = latest_tag(run_dir)
@@ -121,7 +121,7 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
     if "position" not in client or not rank_files:
         raise ValueError(f"{ckpt / tag} lacks the loader position or the ranks' state files: it was written by an "
                          "older version of this pipeline, which cannot resume it exactly; start a new run folder")
-    changed = differences(client["config"], config, ignore=RESHAPE_KEYS)
+    changed = differences(client["config"], config, ignore=RESUME_KEYS)
     if changed:
         raise ValueError(f"{ckpt / tag} was written with another config than {Path(run_dir) / 'config.json'} "
                          f"({'; '.join(changed)}); start a new run folder instead of resuming this one")
