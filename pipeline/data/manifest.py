@@ -14,7 +14,7 @@ in manifest order, (shard, offset, length, jpg_offset, jpg_length, label, width,
 the shard file that holds the sample's tar members (headers and data of its .cls and .jpg, which the
 converter writes next to each other), so one positioned read returns the whole sample; where the JPEG's
 bytes lie in that range; its label; and the image's size (0 x 0 where its header did not read), so that the
-loader neither parses the tar headers nor reads the JPEG header to draw the crop.
+loader parses one tar header (for the key), not all, and reads no JPEG header to draw the crop.
 """
 
 from __future__ import annotations
