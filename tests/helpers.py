@@ -1,8 +1,9 @@
 """What the tests share besides fixtures (conftest.py): a tree of real photos, small run settings, child
-processes, ports, a damaged shard, the paper's 8k schedule."""
+processes, ports, a shard folder of given samples, a damaged shard, the paper's 8k schedule."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.shards import demo
 
 # Paper 2.2 / 5.1 at kn=8192: 0.1 -> 3.2 over 5 epochs, then x0.1 at epochs 30, 60, 80 (epoch, lr).
@@ -46,6 +48,18 @@ def run_module(module: str, *args, cwd=None, timeout: float = 300) -> subprocess
     """python -m module args... in a child process, output captured, Python's warnings silenced."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def write_shard_dir(path: Path, samples: list[dict], split: str = "train") -> Manifest:
+    """One tar holding `samples` and the manifest describing it (no sample index)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path / f"{split}-000000.tar")) as sink:
+        for sample in samples:
+            sink.write(sample)
+    manifest = {"split": split, "num_samples": len(samples), "classes": ["a", "b"], "skipped": [],
+                "shards": [{"name": f"{split}-000000.tar", "num_samples": len(samples), "sha256": ""}]}
+    (path / f"{split}.json").write_text(json.dumps(manifest))
+    return load_manifest(path, split)
 
 
 def run_here(main, capsys, *args) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import write_shard_dir
 from PIL import Image
 from pipeline import config
 from pipeline.data import decode, order, streams
@@ -219,18 +220,6 @@ def test_eval_sees_every_image_exactly_once(shard_dir, world, workers):
         for batch in loader_batches(streams.EvalStream(manifest, cfg, 8, rank, world), cfg):
             keys.update(batch.keys)
     assert set(keys.values()) == {1} and sum(keys.values()) == manifest.num_samples == 70
-
-
-def write_shard_dir(path, samples: list[dict], split: str = "train"):
-    """One tar holding `samples` and the manifest describing it."""
-    path.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path / f"{split}-000000.tar")) as sink:
-        for sample in samples:
-            sink.write(sample)
-    manifest = {"split": split, "num_samples": len(samples), "classes": ["a", "b"], "skipped": [],
-                "shards": [{"name": f"{split}-000000.tar", "num_samples": len(samples), "sha256": ""}]}
-    (path / f"{split}.json").write_text(json.dumps(manifest))
-    return load_manifest(path, split)
 
 
 def jpeg(color) -> bytes:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from helpers import run_here
+from helpers import run_here, write_shard_dir
 
 from pipeline import config
 from pipeline.data import manifest as manifests
@@ -188,12 +188,7 @@ def test_a_long_key_and_an_unreadable_jpeg_header_through_the_index(tmp_path, ca
                {"__key__": "junk", "jpg": b"not a jpeg", "cls": b"0"}]
     samples += [{"__key__": f"s{i}", "jpg": photo.getvalue(), "cls": b"1"} for i in range(6)]
     for split in ("train", "val"):
-        with wds.TarWriter(str(tmp_path / f"{split}-000000.tar")) as sink:
-            for sample in samples:
-                sink.write(sample)
-        (tmp_path / f"{split}.json").write_text(json.dumps({
-            "split": split, "num_samples": 8, "classes": ["a", "b"], "skipped": [],
-            "shards": [{"name": f"{split}-000000.tar", "num_samples": 8, "sha256": ""}]}))
+        write_shard_dir(tmp_path, samples, split)
     shards_index(tmp_path)
     manifest = manifests.load_manifest(tmp_path, "train")
     rows = manifests.load_index(manifest)
