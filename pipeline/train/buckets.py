@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.dsconfig import bucket_elements
+from pipeline.train import noise
 
 
 class _Bucket:
@@ -23,6 +24,7 @@ class _Bucket:
         self.buffer: torch.Tensor | None = None
         self.work: dist.Work | None = None
         self.versions: list[int] = []  # each gradient's version when it went into the buffer
+        self.previous: torch.Tensor | None = None  # the step before's reduced gradient (noise pairing of steps)
 
 
 class BucketedAllreduce:
@@ -63,6 +65,20 @@ class BucketedAllreduce:
         self.handles.append(engine.optimizer.register_step_pre_hook(lambda *_: self.finish()))
         self.deepspeed_allreduce = engine.enable_backward_allreduce
         engine.enable_backward_allreduce = False  # while attached, ours replaces DeepSpeed's post-backward allreduce
+        self.meter: noise.NoiseMeter | None = None
+        self.steps_measured = 0
+
+    def measure_noise(self, pair: noise.Pairing) -> noise.NoiseMeter:
+        """Feed a NoiseMeter the squared norms of the pairing's gradients (pipeline.train.noise): in the
+        buckets before and after the allreduce, and for micro-batches from a hook on each parameter that sees
+        each backward's gradient before it is accumulated."""
+        self.meter = noise.NoiseMeter(pair, self.buckets[0].params[0].device)
+        if pair.kind == "micro-batches":
+            # DeepSpeed's backward divides the loss by the accumulation steps: undo it in the norm
+            scale = float(self.engine.gradient_accumulation_steps()) ** 2
+            self.handles += [p.register_hook(lambda grad: self.meter.add_small(scale * noise.squared_norm(grad)))
+                             for p in self._trainable()]
+        return self.meter
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad and p.numel() > 0]
@@ -100,6 +116,8 @@ class BucketedAllreduce:
             bucket.buffer[offset:offset + param.numel()].view_as(param).copy_(param.grad)
             offset += param.numel()
         bucket.versions = [param.grad._version for param in bucket.params]
+        if self.meter is not None and self.meter.pair.kind == "ranks":
+            self.meter.add_small(noise.squared_norm(bucket.buffer))  # this rank's gradient, n x accum images
         pre, _ = self._scales()
         if pre != 1.0:
             bucket.buffer.mul_(pre)
@@ -141,11 +159,41 @@ class BucketedAllreduce:
                                    "overlap_comm to false")
             if post != 1.0:
                 bucket.buffer.mul_(post)
+            if self.meter is not None:
+                self._measure(bucket)
             offset = 0
             for param in bucket.params:
                 param.grad.copy_(bucket.buffer[offset:offset + param.numel()].view_as(param))
                 offset += param.numel()
+        if self.meter is not None:
+            self.meter.count(*self._counts())
+            self.steps_measured += 1
         self.reset()
+
+    def _measure(self, bucket: _Bucket) -> None:
+        """The reduced gradient's squared norm, as the pairing's big batch (or its small one, paired with the
+        mean of it and the step before's)."""
+        if self.meter.pair.kind != "consecutive steps":
+            self.meter.add_big(noise.squared_norm(bucket.buffer))
+            return
+        self.meter.add_small(noise.squared_norm(bucket.buffer))
+        if bucket.previous is None:
+            bucket.previous = bucket.buffer.clone()
+            return
+        bucket.previous.add_(bucket.buffer)
+        self.meter.add_big(noise.squared_norm(bucket.previous) / 4)  # |(G_t + G_(t-1)) / 2|^2
+        bucket.previous.copy_(bucket.buffer)
+
+    def _counts(self) -> tuple[int, int]:
+        """A step's numbers of small and big gradients: each rank adds its own gradient and the average
+        (both summed over ranks with the record), accumulation its micro-batches and their mean, a step
+        itself and, from the second step on, its mean with the step before."""
+        kind = self.meter.pair.kind
+        if kind == "ranks":
+            return 1, 1
+        if kind == "micro-batches":
+            return self.engine.gradient_accumulation_steps(), 1
+        return 1, int(self.steps_measured > 0)
 
     def reset(self) -> None:
         """Forget this boundary: wait for the allreduces in flight (their results are dropped) and count

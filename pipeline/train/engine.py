@@ -6,7 +6,7 @@ import deepspeed
 import torch
 
 from pipeline.config import Config, OptimConfig, Plan
-from pipeline.train import buckets, schedule
+from pipeline.train import buckets, noise, schedule
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -64,7 +64,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, plan: Plan) -
 
 def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dict, channels_last: bool = False):
     """deepspeed.initialize with our SGD and schedule, and with our overlapped bucketed gradient allreduce
-    when the JSON asks for it (pipeline.train.buckets); torch.distributed must already be initialised.
+    when the JSON asks for it (pipeline.train.buckets), which also measures the gradient noise scale;
+    torch.distributed must already be initialised.
 
     channels_last (on GPU) is applied after DeepSpeed's start: its broadcast of the initial weights views
     every parameter as bytes, which a channels_last conv weight (last stride != 1) refuses. The conversion
@@ -78,5 +79,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, plan: Plan, ds_config: dic
         engine.module.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         engine.compile()  # the module compiled in place: the same parameters, so the buckets' hooks still fire
-    buckets.attach(engine, ds_config)
+    reducer = buckets.attach(engine, ds_config)
+    if reducer is not None:  # the gradient noise scale, from the gradients in the buckets (pipeline.train.noise)
+        reducer.measure_noise(noise.pairing(plan.world_size, cfg.train.micro_batch, cfg.train.grad_accum))
     return engine

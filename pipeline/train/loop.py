@@ -21,7 +21,7 @@ from pipeline.data.decode import Encoded, decode_on_device, normalize
 from pipeline.data.manifest import load_index, load_manifest
 from pipeline.data.streams import Batch, EvalStream, train_stream
 from pipeline.data.workers import loader
-from pipeline.train import checkpoint, metrics, model, preempt, report
+from pipeline.train import checkpoint, metrics, model, noise, preempt, report
 from pipeline.train.distributed import average_bn_statistics, collectives_explained, init_distributed, is_primary
 from pipeline.train.engine import build_engine
 from pipeline.train.schedule import lr_at
@@ -108,6 +108,10 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
+NO_METER = ("DeepSpeed's own allreduce runs (zero_optimization.overlap_comm=false); the noise scale is measured in "
+            "the buckets of ours")
+
+
 def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log,
                 stop: preempt.StopRequest, save=None) -> tuple[int, bool]:
     """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
@@ -147,8 +151,11 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         if step == before:  # inside an accumulation window: no optimizer step yet
             continue
         if step % cfg.train.log_every == 0 or step == plan.total_steps:
-            dist.all_reduce(window)  # all_reduce: every rank's window sums -> global sums (once per record)
-            loss_sum, top1, _, seen = window.tolist()
+            meter = engine.bucketed_allreduce.meter if engine.bucketed_allreduce else None
+            sums = torch.cat([window, meter.take()]) if meter else window
+            dist.all_reduce(sums)  # all_reduce: every rank's window sums -> global sums (once per record)
+            values = sums.tolist()
+            loss_sum, top1, _, seen = values[:4]
             elapsed = time.time() - window_start
             # train_err: top-1 error of the window's training images, each counted when it was trained on (in
             # training mode, before its step's update: Fig. 2 of the paper plots this). data_wait: rank 0's
@@ -156,7 +163,8 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             # shows here as slower steps, spent in the allreduce, not as waiting)
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=loss_sum / (window_n * plan.world_size),
                       train_err=100 * (1 - top1 / seen), img_s=seen / elapsed, total_steps=plan.total_steps,
-                      data_wait=min(1.0, waited / elapsed))
+                      data_wait=min(1.0, waited / elapsed),
+                      **(meter.fields(values[4:]) if meter else noise.not_measured(NO_METER)))
             window, window_n, window_start, waited = torch.zeros_like(window), 0, time.time(), 0.0
         if step < last_step and stop.poll(device, step):
             stopped = True
@@ -259,8 +267,11 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
     if resumed:
         # After a crash, the steps since the checkpoint are trained and logged again: the resume record names
         # the steps whose earlier records this attempt supersedes (reports keep the last record of a step).
-        logged = [r["step"] for r in metrics.read(log.path) if r["_type"] == "train_iter"] if is_primary() else []
-        redone = [s for s in logged if s > engine.global_steps]
+        iters = [r for r in metrics.read(log.path) if r["_type"] == "train_iter"] if is_primary() else []
+        redone = [r["step"] for r in iters if r["step"] > engine.global_steps]
+        if engine.bucketed_allreduce and engine.bucketed_allreduce.meter:  # the noise scale's smoothing goes on
+            engine.bucketed_allreduce.meter.restore(next((r for r in reversed(iters)
+                                                          if r["step"] <= engine.global_steps), None))
         record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
                            ranks_before=ranks_before,
                            superseded_steps=[engine.global_steps + 1, max(redone)] if redone else None)

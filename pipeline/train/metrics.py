@@ -10,7 +10,8 @@ from pathlib import Path
 # TensorBoard tag of each scalar a record carries, by record type.
 BOARD_TAGS = {
     "train_iter": {"lr": "train/lr", "loss": "train/loss", "train_err": "train/top1_err", "img_s": "train/images_per_s",
-                   "data_wait": "train/data_wait"},
+                   "data_wait": "train/data_wait", "noise_scale": "noise/b_simple", "noise_g2": "noise/grad_sq",
+                   "noise_trace": "noise/trace_sigma"},
     "eval": {"top1_err": "val/top1_err", "top5_err": "val/top5_err"},
 }
 
@@ -39,7 +40,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         if self.board is not None and _type in BOARD_TAGS:
             for key, tag in BOARD_TAGS[_type].items():
-                if key in record:
+                if record.get(key) is not None:
                     self.board.add_scalar(tag, record[key], global_step=record["step"], walltime=record["time"])
             self.board.flush()  # a record every log_every steps: cheap, and nothing is lost to a crash
         return record
@@ -75,7 +76,8 @@ def progress_line(record: dict) -> str | None:
                 f"lr {record['lr']:.4g} loss {record['loss']:.4f}"
                 + (f" train_err {record['train_err']:.2f}%" if "train_err" in record else "")
                 + f" {record['img_s']:.0f} img/s"
-                + (f", {record['data_wait']:.0%} waiting for data" if "data_wait" in record else ""))
+                + (f", {record['data_wait']:.0%} waiting for data" if "data_wait" in record else "")
+                + (f", noise scale {record['noise_scale']:.0f}" if record.get("noise_scale") is not None else ""))
     if kind == "eval":
         corrupt = record.get("train_corrupt", 0)
         return (f"epoch {record['epoch'] + 1}/{record['epochs']} done: top1_err {record['top1_err']:.2f}% "

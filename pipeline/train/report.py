@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline.train import metrics
+from pipeline.train import metrics, noise
 
 
 def _latest(records: list[dict], kind: str, key: str) -> list[dict]:
@@ -40,6 +40,8 @@ def summarize(evals: list[dict], iters: list[dict]) -> dict:
         "train_s": sum(r["epoch_s"] for r in evals),  # training + evaluation, without queue waits or restarts
         "img_s": statistics.median(r["img_s"] for r in iters) if iters else None,
         "steps": evals[-1]["step"],
+        # the gradient noise scale (pipeline.train.noise) in the first, second and last third of training
+        "noise_scale": noise.over_training(iters),
     }
 
 
@@ -96,6 +98,10 @@ def overlay(run_dirs: list[Path], path: Path) -> None:
 def describe(summary: dict, run_dir: Path) -> str:
     """The summary in one line."""
     speed = f"{summary['img_s']:.0f} img/s" if summary["img_s"] else "no train_iter records"
+    scale = summary.get("noise_scale")
+    if scale:
+        speed += "; gradient noise scale " + " / ".join(f"{scale[k]:.0f}" if scale[k] is not None else "-"
+                                                       for k in ("early", "middle", "late")) + " (early / middle / late)"
     return (f"top-1 error {summary['final_top1_err']:.2f}% (median {summary['median_last5_top1_err']:.2f}% over the "
             f"last {min(5, summary['epochs'])} epochs), top-5 {summary['final_top5_err']:.2f}% on "
             f"{summary['num_val_samples']} images after {summary['epochs']} epochs; "
