@@ -1,10 +1,15 @@
-"""Render docs/measured.md from the benchmarks' JSON in docs/results/, so the page cannot drift from them.
+"""Render docs/measured.md from the benchmarks' JSON in docs/results/, and the study's tables in README.md and
+docs/reproduce.md from docs/study/epochs*/table1.json, so the pages cannot drift from them.
 
-    python benchmarks/render_docs.py                  # rewrite docs/measured.md from docs/results/*.json
+    python benchmarks/render_docs.py                  # rewrite the pages from the JSON
     python benchmarks/render_docs.py --demo RUN_DIR   # first take the demo's numbers from its run folder
+    python benchmarks/render_docs.py --study runs/study  # first take the study's finished runs (both budgets)
 
 Each benchmark writes its JSON into docs/results/ (its --out default); rerun one, then this script, and
-commit both. tests/test_docs.py fails when the page is not what this script makes of the JSON.
+commit both. --study copies every finished (or diverged) run of a local study (python -m pipeline.reproduce)
+into docs/study/epochs<E>/runs/ (metrics.jsonl, config.json and report.json: no checkpoints), then rebuilds
+each budget's table and figures there. tests/test_docs.py fails when a page is not what this script makes of
+the JSON, or a committed table not what its runs' records give.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pipeline import config  # noqa: E402
 from pipeline.scaling import model as scaling  # noqa: E402
+from pipeline.study import design, execute  # noqa: E402
+from pipeline.study import table as study_table  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "measured.md"
+STUDY = ROOT / "docs" / "study"
+STUDY_SEEDS = [0, 1, 2]
+STUDY_PAGES = (ROOT / "README.md", ROOT / "docs" / "reproduce.md")
+# A generated table in a page: <!-- table: docs/study/epochs18/table1.json --> ... <!-- end of table -->
+TABLE_BLOCK = re.compile(r"(<!-- table: (\S+) -->\n).*?(<!-- end of table -->)", re.S)
 R50_GRAD_ELEMENTS = 25_557_032  # ResNet-50's trainable parameters
 
 
@@ -161,15 +175,64 @@ def take_demo(run_dir: Path) -> None:
                                                   indent=1) + "\n")
 
 
+def study_runs(epochs: int) -> list[design.StudyRun]:
+    """The runs of the committed study at a budget: its default rows, STUDY_SEEDS."""
+    return design.runs(design.budget_rows(epochs), STUDY_SEEDS, config.preset("study"), [])
+
+
+def committed_budgets() -> list[int]:
+    """The budgets (epochs) of the committed study: its docs/study/epochs<E>/ folders."""
+    return sorted(int(path.name[len("epochs"):]) for path in STUDY.glob("epochs*") if path.is_dir())
+
+
+def take_study(root: Path) -> None:
+    """Copy the ended runs of the local study in root (root/epochs<E>/runs/) into docs/study, the shard folder
+    in their config.json made relative to the project."""
+    for budget in sorted(root.glob("epochs*")):
+        epochs = int(budget.name[len("epochs"):])
+        for run in study_runs(epochs):
+            source, target = budget / "runs" / run.folder, STUDY / budget.name / "runs" / run.folder
+            if not source.is_dir() or study_table.run_state(source) == "unfinished":
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "report.json"):
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, target / name)
+            saved = json.loads((source / "config.json").read_text())
+            shards = Path(saved["config"]["data"]["shards"])
+            if shards.is_absolute() and shards.is_relative_to(ROOT):
+                saved["config"]["data"]["shards"] = str(shards.relative_to(ROOT))
+            (target / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def table_block(path: str) -> str:
+    """A page's generated table: the rows and the kn* line of a committed table1.json."""
+    built = json.loads((ROOT / path).read_text())
+    return study_table.rows_markdown(built) + "\n\n" + study_table.verdict(built) + "\n"
+
+
+def render_study_page(text: str) -> str:
+    """The page with every generated table block rewritten from its table1.json."""
+    return TABLE_BLOCK.sub(lambda m: m.group(1) + table_block(m.group(2)) + m.group(3), text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, metavar="RUN_DIR", help="a finished demo run to take the numbers from")
+    parser.add_argument("--study", type=Path, metavar="DIR", help="a local study (--out of pipeline.reproduce) to "
+                                                                  "take the ended runs from")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.demo:
         take_demo(args.demo)
+    if args.study:
+        take_study(args.study)
+    for epochs in committed_budgets():  # every budget's table and figures from its committed runs
+        execute.write_results(STUDY / f"epochs{epochs}", study_runs(epochs))
     PAGE.write_text(render())
-    print(f"wrote {PAGE}")
+    for page in STUDY_PAGES:
+        page.write_text(render_study_page(page.read_text()))
+    print(f"wrote {PAGE}, {', '.join(str(p) for p in STUDY_PAGES)}")
     return 0
 
 

@@ -34,13 +34,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = options.job_parser("python -m pipeline.reproduce", __doc__, preset="study", sweeps=False)
     parser.add_argument("--out", type=Path, default=Path("runs/study"),
                         help="the study folder: runs/ inside it, the table and figures beside (default runs/study)")
+    parser.add_argument("--epochs", type=int, default=6,
+                        help="the budget: the paper's 90-epoch schedule scaled to this many epochs (warmup 5/90 of it, "
+                             "decays at 30, 60 and 80/90); 6 (default) runs every row, 18 the rows 1x, 8x, 16x, 32x "
+                             "and 32x no warmup; the runs go to OUT/epochs<E>/")
     parser.add_argument("--quick", action="store_true",
                         help="three one-epoch runs (1x, 4x with and without warmup), one seed: a first look")
-    parser.add_argument("--seeds", type=int, help="runs per row, seeds 0..N-1 (default 2, 1 with --quick; the paper 5)")
+    parser.add_argument("--seeds", metavar="N|LIST",
+                        help="a count N (seeds 0..N-1) or a list, e.g. 3,4 or 0-4 (one seed s: 's,'); default 3, "
+                             "1 with --quick (the paper 5); train.seed= is refused: the study sets it per run")
     parser.add_argument("--rows", metavar="NAME,...", help="only these rows, e.g. --rows '1x,32x,32x no warmup'")
     parser.add_argument("--zero-gamma", action="store_true", help="add the 32x row without zero-gamma (Table 2b)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="train on 50,000 of Fashion-MNIST's training images and score on the other 10,000, "
+                             "not on the test images the results report: for choosing hyper-parameters")
     parser.add_argument("--parallel", type=int,
-                        help="on this machine: runs at once (default: the cores over each run's ranks x threads)")
+                        help="on this machine: ranks training at once, a run of k ranks counting k (default: the "
+                             "cores over each rank's threads)")
     parser.add_argument("--wait", action="store_true", help="on Slurm: follow the job array and write the table at its end")
     parser.add_argument("--dry-run", action="store_true", help="print every run's plan and state; train nothing")
     return parser.parse_intermixed_args(argv)
@@ -65,11 +75,11 @@ def reproduce(args: argparse.Namespace) -> int:
     if args.dry_run:
         for run in runs:
             print(f"{run.run_dir.name} ({table.run_state(run.run_dir)}): {run.plan.summary(run.cfg)}")
-        print(f"{len(runs)} runs in {args.out.resolve() / 'runs'} (dry run: nothing written, nothing trained)")
+        print(f"{len(runs)} runs in {execute.budget_dir(args) / 'runs'} (dry run: nothing written, nothing trained)")
         return 0
     args.cluster = choose_cluster(args.cluster)
     code = execute.train(args, runs, sbatch_options)
-    execute.write_results(args.out.resolve(), study)
+    execute.write_results(execute.budget_dir(args), study)
     return code
 
 

@@ -13,7 +13,7 @@ py="${PYTHON:-python3}"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 DEEPSPEED_PIN=deepspeed==0.19.8
 OTHER_PINS=(submitit==1.5.4 webdataset==1.0.2 "numpy>=1.26,<3" tqdm==4.67.1 matplotlib==3.10.7 tensorboard==2.21.0
-            timm==1.0.31 torchcodec==0.17.0 pytest==8.4.2)
+            timm==1.0.31 torchcodec==0.17.0 scipy==1.16.3 pytest==8.4.2)
 DEBIAN_PACKAGES=(dataset-fashion-mnist)
 
 stamp="$venv/.pipeline-install"

@@ -25,15 +25,21 @@ def test_readme_is_a_page_and_its_links_exist():
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
 
 
-def test_the_committed_study_table_is_recomputed_from_its_runs_metrics():
-    """docs/study/ holds the default local study's table and, per run, the metrics.jsonl, config.json and
-    report.json it was built from (python -m pipeline.reproduce, docs/reproduce.md)."""
-    from pipeline import config
-    from pipeline.study import design, table
+def test_the_committed_study_tables_are_recomputed_from_their_runs_metrics_and_fill_the_pages():
+    """docs/study/epochs<E>/ holds each budget's table and, per run, the metrics.jsonl, config.json and report.json
+    it was built from (python -m pipeline.reproduce, docs/reproduce.md); the tables in the README and
+    docs/reproduce.md are the ones those give (python benchmarks/render_docs.py writes them)."""
+    from pipeline.study import table
 
-    study = ROOT / "docs" / "study"
-    runs = design.runs(design.ROWS, 2, config.preset("study"), [])
-    built = table.build(study / "runs", runs)
-    assert json.loads((study / "table1.json").read_text()) == built
-    assert (study / "table1.md").read_text() == table.markdown(built)
-    assert all(run["state"] == "finished" for row in built["rows"] for run in row["runs"])
+    budgets = render_docs.committed_budgets()
+    assert 6 in budgets and 18 in budgets
+    for epochs in budgets:
+        folder = ROOT / "docs" / "study" / f"epochs{epochs}"
+        built = table.build(folder / "runs", render_docs.study_runs(epochs))
+        assert json.loads((folder / "table1.json").read_text()) == built
+        assert (folder / "table1.md").read_text() == table.markdown(built)
+        assert built["epochs"] == epochs
+    for page in render_docs.STUDY_PAGES:
+        text = page.read_text()
+        assert render_docs.TABLE_BLOCK.search(text), f"{page.name} shows no study table"
+        assert render_docs.render_study_page(text) == text, f"{page.name}: run python benchmarks/render_docs.py"

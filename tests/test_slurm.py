@@ -270,10 +270,10 @@ def test_the_quick_study_on_slurm_is_one_job_array_and_writes_its_table(slurm, s
             *[o for o in SMALL if not o.startswith("train.log_every")]]
     result = run_module("pipeline.reproduce", *args, "--wait", timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    runs = json.loads((out / "runs" / "sweep.json").read_text())["runs"]
+    runs = json.loads((out / "epochs1" / "runs" / "sweep.json").read_text())["runs"]
     assert [r["folder"] for r in runs] == ["kn1x-seed0", "kn4x-seed0", "kn4x-no-warmup-seed0"]
     assert len({r["job_id"].split("_")[0] for r in runs}) == 1  # one job array
-    table = json.loads((out / "table1.json").read_text())
+    table = json.loads((out / "epochs1" / "table1.json").read_text())
     assert all(run["state"] == "finished" for row in table["rows"] for run in row["runs"])
     again = run_module("pipeline.reproduce", *args, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "3 of 3 runs already ended (kept), 0 to train" in again.stdout, again.stderr

@@ -20,22 +20,25 @@ STUDY_SMALL = [o for o in SMALL if not o.startswith("train.log_every")]
 
 
 def recomputed_error(run_dir) -> float:
-    """A run's reported error, from its metrics.jsonl alone: the median top-1 error of its last 2 epochs (the
-    last eval record of each epoch: a resumed run logs an epoch again)."""
+    """A run's reported error, from its metrics.jsonl alone: the median top-1 error of its epochs at the final lr,
+    those ending after its last decay (STUDY_SMALL: at 1.5 of 2 epochs, so the second); the last eval record of
+    each epoch (a resumed run logs an epoch again)."""
     evals = {r["epoch"]: r["top1_err"] for r in metrics.read(run_dir / "metrics.jsonl") if r["_type"] == "eval"}
-    return statistics.median([evals[e] for e in sorted(evals)[-2:]])
+    return statistics.median([evals[e] for e in sorted(evals) if e + 1 > 1.5])
 
 
 @pytest.fixture(scope="module")
 def study(shard_dir, weird_root):
-    out = weird_root / "study"
-    args = ["--quick", "--cluster", "local", "--out", str(out), f"data.shards={shard_dir}", *STUDY_SMALL]
+    root = weird_root / "study"
+    args = ["--quick", "--cluster", "local", "--out", str(root), f"data.shards={shard_dir}", *STUDY_SMALL]
     result = run_module("pipeline.reproduce", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, args, result
+    return root / "epochs1", args, result
 
 
 def test_the_quick_studys_table_is_recomputed_from_its_runs_metrics(study):
+    """Each run's error from its records, a row's difference from 1x (one seed: no test), and the figures: Fig. 2
+    in the budget's folder, Fig. 1 (every budget's) beside it."""
     out, _, result = study
     table = json.loads((out / "table1.json").read_text())
     assert [r["row"] for r in table["rows"]] == ["1x", "4x", "4x no warmup"]
@@ -46,8 +49,9 @@ def test_the_quick_studys_table_is_recomputed_from_its_runs_metrics(study):
         assert run["error"] == row["mean"] == recomputed_error(out / "runs" / run["folder"])
         assert f"| {row['row']} | {row['kn']} | {row['peak_lr']:.3g} | {row['mean']:.2f} (1) |" in (out / "table1.md").read_text()
     assert table["rows"][0]["paper_err"] == 23.60 and table["rows"][2]["paper_err"] is None
-    for figure in ("fig2.png", "error_vs_kn.png"):
-        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    assert all(row["vs_1x"] is None for row in table["rows"]) and table["holds_to"]["row"] == "1x"
+    for figure in (out / "fig2.png", out.parent / "fig1.png"):
+        assert figure.read_bytes()[:4] == b"\x89PNG"
     assert "| 4x no warmup | 32 |" in result.stdout
 
 
@@ -92,18 +96,51 @@ def test_several_runs_are_overlaid_in_one_picture(study, capsys):
 def test_rows_the_ranks_cannot_make_are_refused_before_anything_runs(tmp_path, capsys):
     code = reproduce.main(["--dry-run", "--cluster", "local", "--gpus-per-node", "3", "--out", str(tmp_path)])
     assert code == 2
-    assert "1x (kn=32), 4x (kn=128)" in capsys.readouterr().err
-    assert reproduce.main(["--dry-run", "--rows", "1x,2x", "--out", str(tmp_path)]) == 2
-    assert "--rows 2x: no such row; valid: 1x, 4x, 16x" in capsys.readouterr().err
+    assert "1x (kn=32 on 3 ranks x train.micro_batch 32), 2x (kn=64 on 3 ranks" in capsys.readouterr().err
+    assert reproduce.main(["--dry-run", "--rows", "1x,3x", "--out", str(tmp_path)]) == 2
+    assert "--rows 3x: no such row; valid: 1x, 2x, 4x, 8x, 16x" in capsys.readouterr().err
+    assert reproduce.main(["--dry-run", "--out", str(tmp_path), "train.seed=4"]) == 2
+    assert "train.seed=4: the study sets every run's seed from --seeds; pass --seeds 4," in capsys.readouterr().err
+    for bad in ("0,0", "x", "-1"):
+        assert reproduce.main(["--dry-run", "--out", str(tmp_path), "--seeds", bad]) == 2
+        assert f"--seeds {bad!r}" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_seed_list_runs_those_seeds_and_a_count_the_first_ones(tmp_path, capsys):
+    for seeds, want in (("3,5", [3, 5]), ("4,", [4]), ("1-2", [1, 2]), ("2", [0, 1])):
+        assert reproduce.main(["--dry-run", "--rows", "1x", "--seeds", seeds, "--out", str(tmp_path)]) == 0
+        lines = capsys.readouterr().out.splitlines()[:-1]
+        assert [line.split()[0] for line in lines] == [f"kn1x-seed{s}" for s in want]
+        assert all(f"seed{s}" in line for s, line in zip(want, lines))
+
+
+def test_the_budgets_scale_the_papers_schedule_and_pick_their_rows(tmp_path, capsys):
+    """--epochs 18: the paper's 90 epochs scaled by 1/5 (warmup 1 epoch, decays at 6, 12, 16) and its five rows,
+    in OUT/epochs18; the runs' reported error is then the median of epochs 17 and 18 (those after the decay at 16)."""
+    from pipeline import config
+    from pipeline.study import design, table
+
+    assert reproduce.main(["--dry-run", "--epochs", "18", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["kn1x-seed0", "kn8x-seed0", "kn16x-seed0", "kn32x-seed0",
+                                                        "kn32x-no-warmup-seed0"]
+    assert f"in {tmp_path / 'epochs18' / 'runs'}" in lines[-1]
+    cfg = config.apply_overrides(config.preset("study"), design.schedule_overrides(18))
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.milestones) == (18, 1.0, (6.0, 12.0, 16.0))
+    assert table.final_lr_epochs(cfg) == 2
+    six = config.apply_overrides(config.preset("study"), design.schedule_overrides(6))
+    assert six == config.preset("study") and table.final_lr_epochs(six) == 1
 
 
 def test_the_dry_run_lists_every_run_of_the_default_study(tmp_path, capsys):
     assert reproduce.main(["--dry-run", "--cluster", "local", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 23 and lines[-1].startswith("22 runs in")
+    assert len(lines) == 43 and lines[-1].startswith("42 runs in")  # 14 rows x 3 seeds
     assert lines[0].startswith("kn1x-seed0 (unfinished): world_size=1") and "global_batch=32 " in lines[0]
-    assert any(line.startswith("kn128x-seed1 (unfinished)") and "global_batch=4096 " in line for line in lines)
+    assert any(line.startswith("kn128x-seed2 (unfinished)") and "global_batch=4096 " in line for line in lines)
+    assert any(line.startswith("kn32x-on-4-ranks-seed0 (unfinished): world_size=4") and
+               "global_batch=1024 (32/gpu x 4 x accum 8)" in line for line in lines)
     assert any("kn32x-sqrt-scaling-seed0" in line and "peak_lr=" in line for line in lines)
     assert any(line.startswith("kn128x-lars-seed1 (unfinished)") and "peak_lr=4 (0.25 x 4096/256)" in line
                and "optim=lars schedule=step label_smoothing=0.1" in line for line in lines)

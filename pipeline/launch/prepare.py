@@ -26,6 +26,9 @@ from pipeline.train import metrics, model
 from pipeline.train.preempt import ATTEMPT
 
 DEMO_IMAGES = Path("data/fashion-mnist")
+# The demo's training images split in two for choosing hyper-parameters (pipeline.reproduce --holdout)
+HOLDOUT_IMAGES = Path("data/fashion-mnist-holdout")
+HOLDOUT_SHARDS = Path("shards/fashion-mnist-holdout")
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
                        "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "wekafs", "panfs", "pvfs2", "orangefs",
                        "9p", "virtiofs", "fuse.juicefs", "fuse.s3fs", "fuse.gcsfuse", "afs", "quobyte"}
@@ -105,17 +108,21 @@ def check_resume(run: Run, saved: config.Config) -> None:
 
 
 def makes_demo_data(cfg: config.Config) -> bool:
-    """Whether the run reads the demo's own shard folder (the demo's and the study's presets do), which is
-    made when missing."""
-    return cfg.data.shards == str(Path(config.preset("demo").data.shards).resolve())
+    """Whether the run reads the demo's own shard folder (the demo's and the study's presets do) or its
+    held-out split (HOLDOUT_SHARDS), which are made when missing."""
+    return cfg.data.shards in (str(Path(config.preset("demo").data.shards).resolve()), str(HOLDOUT_SHARDS.resolve()))
 
 
 def make_demo_data(cfg: config.Config) -> None:
-    """A run that reads the demo's shard folder makes its data (Fashion-MNIST as JPEGs, then shards);
-    any other shards must exist already. A rerun reuses what is there."""
+    """A run that reads the demo's shard folder or its held-out split makes its data (Fashion-MNIST as JPEGs,
+    then shards); any other shards must exist already. A rerun reuses what is there."""
     if makes_demo_data(cfg):
         demo.write_image_tree(DEMO_IMAGES)
-        convert(DEMO_IMAGES, Path(cfg.data.shards))
+        images = DEMO_IMAGES
+        if cfg.data.shards == str(HOLDOUT_SHARDS.resolve()):
+            demo.write_holdout_tree(HOLDOUT_IMAGES, DEMO_IMAGES)
+            images = HOLDOUT_IMAGES
+        convert(images, Path(cfg.data.shards))
 
 
 def check_shards(cfg: config.Config) -> None:

@@ -19,6 +19,10 @@ FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fa
 CLASSES = ("00_tshirt_top", "01_trouser", "02_pullover", "03_dress", "04_coat",
            "05_sandal", "06_shirt", "07_sneaker", "08_bag", "09_ankle_boot")
 SPLIT_FILES = {"train": "train", "val": "t10k"}  # val = the 10,000 test images
+# Held out of the 60,000 training images for choosing hyper-parameters (the study's base lr): training on the
+# other 50,000 and scoring on these never touches the 10,000 test images that results are reported on.
+HOLDOUT = 10_000
+HOLDOUT_SEED = 0
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -50,3 +54,21 @@ def write_image_tree(root: Path, source: Path = FASHION_MNIST) -> None:
                 root / split / CLASSES[labels[i]] / f"{split}_{i:05d}.JPEG", quality=95
             )
     done.write_text("written by pipeline.demo\n")
+
+
+def write_holdout_tree(root: Path, images: Path, count: int = HOLDOUT) -> None:
+    """root/train/ = the training images of the finished tree `images` minus `count` of them (a fixed random
+    choice, HOLDOUT_SEED), root/val/ = those `count`: hard links to the same JPEGs, unless already done."""
+    done = root / ".complete"
+    if done.is_file():
+        return
+    train = sorted((images / "train").glob("*/*.JPEG"))
+    if not 0 < count < len(train):
+        raise ValueError(f"cannot hold out {count} of the {len(train)} training images in {images / 'train'}")
+    held = set(np.random.default_rng(HOLDOUT_SEED).permutation(len(train))[:count].tolist())
+    for i, path in enumerate(train):
+        target = root / ("val" if i in held else "train") / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.link(path, target)
+    done.write_text(f"written by pipeline.demo: {count} of {images / 'train'} held out as val\n")

@@ -1,14 +1,15 @@
-"""The study's figures from its runs' metrics.jsonl: training error against epochs (the paper's Fig. 2) and
-error against kn (its Fig. 1)."""
+"""The study's figures from its runs' metrics.jsonl and tables: training error against epochs (the paper's
+Fig. 2) and the difference in error from 1x against kn at every budget beside the paper's (its Fig. 1)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
-from pipeline.study import design
+from pipeline import config
 from pipeline.study.design import StudyRun
-from pipeline.study.table import run_state
+from pipeline.study.table import REFERENCE_ROW, run_state
 from pipeline.train import report
 
 # Fig. 2 of the paper: the reference kn and 32x it, with and without warmup.
@@ -27,49 +28,83 @@ def mean_curve(run_dirs: list[Path]) -> tuple[list[float], list[float]]:
 
 def fig2(runs_dir: Path, study: list[StudyRun], path: Path) -> None:
     """Training error against epochs of the reference kn and of 32x with and without warmup, each the mean
-    over its finished seeds, overlaid (the paper's Fig. 2)."""
+    over its finished seeds, overlaid (the paper's Fig. 2), on a log axis that keeps the warmup's errors near
+    chance and the last epochs' in view; the warmup epochs shaded."""
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    tops = []
+    warmup = None
     for name in FIG2_ROWS:
         dirs = [runs_dir / r.folder for r in study if r.row.name == name and run_state(runs_dir / r.folder) == "finished"]
         if dirs:
             epochs, errors = mean_curve(dirs)
             kn = next(r for r in study if r.row.name == name).row.paper_kn
             ax.plot(epochs, errors, label=f"{name} (the paper's {kn}), {len(dirs)} seeds")
-            tops += [e for x, e in zip(epochs, errors) if x > 1]
-    ax.set(xlabel="epoch", ylabel="training error (%)", title="training error, mean over seeds (cf. Goyal et al. Fig. 2)",
-           ylim=(0, min(100, 1.5 * max(tops))) if tops else None)
-    ax.grid(alpha=0.3)
+            cfg, _ = config.load_run_config(dirs[0])
+            warmup = warmup or cfg.schedule.warmup_epochs
+    if warmup:
+        ax.axvspan(0, warmup, color="0.9", label=f"warmup ({warmup:.3g} epochs)")
+    ax.set(xlabel="epoch", ylabel="training error (%)", yscale="log", xlim=(0, None),
+           title="training error, mean over seeds (cf. Goyal et al. Fig. 2)")
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def error_vs_kn(table: dict, path: Path) -> None:
-    """Top-1 error against kn of the linear-scaling, gradual-warmup rows: ours (mean ± std over seeds) and
-    the paper's, on two y axes (the paper's Fig. 1); and ours with LARS and label smoothing, where run."""
+def fig1(tables: dict[int, dict], path: Path) -> None:
+    """The difference in top-1 error from 1x against kn (as a multiple of the reference) of the linear-scaling
+    rows: ours at each budget (epochs -> table) with 95 % intervals, and the paper's from its Table 1, on one
+    axis; the gradient noise scale measured in the 1x runs marked on the kn axis (the paper's Fig. 1, as
+    differences)."""
     plt = report.pyplot()
-    rows = [r for r in table["rows"] if not r["changes"] and r["mean"] is not None]
-    lars = [r for r in table["rows"] if tuple(r["changes"]) == design.LARS and r["mean"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.errorbar([r["multiple"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] or 0 for r in rows],
-                marker="o", capsize=3, color="C0", label="here")
-    if lars:
-        ax.errorbar([r["multiple"] for r in lars], [r["mean"] for r in lars], yerr=[r["std"] or 0 for r in lars],
-                    marker="^", capsize=3, color="C2", label="here, LARS + label smoothing")
-    ax.set(xscale="log", xlabel="kn / reference kn (the paper's 256)", ylabel="top-1 error here (%)",
-           title="validation error against minibatch size (cf. Goyal et al. Fig. 1)")
-    ax.set_xticks([r["multiple"] for r in rows], [f"{r['multiple']}x\n{r.get('kn', '')} ({r['paper_kn']})" for r in rows])
-    paper = [r for r in rows if r["paper_err"] is not None]
-    twin = ax.twinx()
-    twin.errorbar([r["multiple"] for r in paper], [r["paper_err"] for r in paper], yerr=[r["paper_std"] or 0 for r in paper],
-                  marker="s", capsize=3, color="C1", linestyle="--", label="paper (ResNet-50, ImageNet)")
-    twin.set_ylabel("top-1 error, paper (%)")
-    (ours, ours_label), (theirs, theirs_label) = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
-    ax.legend(ours + theirs, ours_label + theirs_label, loc="upper left")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    reference_batch, paper = None, None
+    for number, (epochs, table) in enumerate(sorted(tables.items())):
+        rows = sorted((r for r in table["rows"] if not r["changes"] and r["mean"] is not None), key=lambda r: r["multiple"])
+        base = next((r for r in rows if r["row"] == REFERENCE_ROW), None)
+        if base is None:
+            continue
+        reference_batch = base.get("kn", reference_batch)
+        paper = paper or rows
+        xs = [r["multiple"] for r in rows]
+        diffs = [0.0 if r is base else (r["vs_1x"]["diff"] if r["vs_1x"] else r["mean"] - base["mean"]) for r in rows]
+        low = [0.0 if r is base or not r["vs_1x"] else d - r["vs_1x"]["ci95"][0] for r, d in zip(rows, diffs)]
+        high = [0.0 if r is base or not r["vs_1x"] else r["vs_1x"]["ci95"][1] - d for r, d in zip(rows, diffs)]
+        ax.errorbar(xs, diffs, yerr=[low, high], marker="o", capsize=3, color=f"C{number}",
+                    label=f"here, {epochs} epochs (95 % intervals)")
+        scale = base.get("noise_scale")
+        if scale and reference_batch:
+            for part, style in (("early", ":"), ("late", "--")):
+                if scale[part] is not None:
+                    ax.axvline(scale[part] / reference_batch, color=f"C{number}", linestyle=style, alpha=0.7,
+                               label=f"noise scale of 1x, {part}, {epochs} epochs: {scale[part]:.0f} images")
+    if paper:
+        rows = [r for r in paper if r["paper_err"] is not None]
+        base = next(r for r in rows if r["row"] == REFERENCE_ROW)
+        intervals = [r["paper_ci95"] or [0.0, 0.0] for r in rows]
+        diffs = [r["paper_err"] - base["paper_err"] for r in rows]
+        ax.errorbar([r["multiple"] for r in rows], diffs,
+                    yerr=[[d - i[0] for d, i in zip(diffs, intervals)], [i[1] - d for d, i in zip(diffs, intervals)]],
+                    marker="s", capsize=3, color="k", linestyle="--", label="paper, 90 epochs (ResNet-50, ImageNet)")
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set(xscale="log", xlabel="kn / reference kn (here 32 images; the paper's 256)",
+           ylabel="top-1 error minus 1x's (points)",
+           title="error against minibatch size, as the difference from 1x (cf. Goyal et al. Fig. 1)")
+    if paper:
+        ax.set_xticks([r["multiple"] for r in paper], [f"{r['multiple']}x\n{r['paper_kn']}" for r in paper])
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def budget_tables(out: Path) -> dict[int, dict]:
+    """Every budget's table1.json in the study folder out (out/epochs<E>/), by its epochs."""
+    tables = {}
+    for path in sorted(out.glob("epochs*/table1.json")):
+        table = json.loads(path.read_text())
+        if table.get("epochs"):
+            tables[table["epochs"]] = table
+    return tables
