@@ -1,21 +1,24 @@
 """Reproduce the paper's Table 1 and Figures 1-2 at small scale: a study of many training runs, and its table.
 
-    python -m pipeline.reproduce                          # the local study: Fashion-MNIST, 22 runs, ~1.5 h on 2 cores
+    python -m pipeline.reproduce --epochs 18              # the 18-epoch study: 15 runs on Fashion-MNIST
+    python -m pipeline.reproduce                          # the 6-epoch study: 42 runs
     python -m pipeline.reproduce --quick --out runs/quick # 3 short runs: a first look
     python -m pipeline.reproduce --preset goyal_r50_bs256 --partition gpu --seeds 5 \\
-        data.shards=/datasets/imagenet-shards             # the paper's study: 45 runs of 8 GPUs, one job array
+        data.shards=/datasets/imagenet-shards             # the paper's study on ImageNet, one job array
 
-Rows: kn = 1x, 4x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 -> 32k),
-linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
---zero-gamma, no zero-gamma); past the paper, at 64x and 128x LARS with label smoothing. The ranks stay as
-given; a larger kn accumulates micro-batches (train.grad_accum), so BatchNorm keeps its n images. Each
-run's error is the median of its last epochs; each row's the mean and std over seeds. Key=value overrides
-apply to every run.
+Rows: kn = 1x, 2x, 4x, 8x, 16x, 32x, 64x and 128x the reference (optim.reference_batch: the paper's 256 ->
+32k), linear scaling with gradual warmup; at 32x no warmup, constant warmup, square-root scaling (and, with
+--zero-gamma, no zero-gamma) and 32x on 4 real ranks; past the paper, at 64x and 128x LARS with label
+smoothing. A budget (--epochs) is the paper's 90-epoch schedule scaled; 18 epochs runs the rows 1x, 8x, 16x,
+32x and 32x no warmup. The ranks stay as given; a larger kn accumulates micro-batches (train.grad_accum), so
+BatchNorm keeps its n images. Each run's error is the median of its epochs at the final lr; each row's the
+mean and std over seeds, against 1x with Welch's t-test; kn* is how far linear scaling holds (docs/reproduce.md).
+Every run also measures the gradient noise scale. Key=value overrides apply to every run.
 
-Each run is an ordinary run folder in OUT/runs/: the same command resumes a stopped study (finished runs are
-kept, the others resume from their newest checkpoint) and, once every run has ended, writes OUT/table1.md,
-table1.json, fig2.png (training error against epochs) and error_vs_kn.png. Every run folder is also a
-TensorBoard log: tensorboard --logdir OUT/runs overlays them.
+Each run is an ordinary run folder in OUT/epochs<E>/runs/: the same command resumes a stopped study (finished
+runs are kept, the others resume from their newest checkpoint) and, once every run has ended, writes
+OUT/epochs<E>/table1.md, table1.json and fig2.png (training error against epochs), and OUT/fig1.png (error
+against kn at every budget). Every run folder is also a TensorBoard log: tensorboard --logdir OUT overlays them.
 """
 
 from __future__ import annotations

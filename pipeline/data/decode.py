@@ -22,6 +22,11 @@ try:  # torchcodec >= 0.16 needs torch >= 2.11: optional (pip install goyal-pipe
     from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
 except ImportError:
     torchcodec_decode_jpeg = None
+except (OSError, RuntimeError) as err:  # installed, but its native libraries do not load (a torch or FFmpeg mismatch)
+    warnings.warn(f"torchcodec is installed but does not load ({str(err).strip().splitlines()[0]}); decoding with "
+                  "torchvision's decoder instead (the same pixels). Reinstall torchcodec for this torch to use it",
+                  RuntimeWarning, stacklevel=1)
+    torchcodec_decode_jpeg = None
 
 # What PIL raises on a truncated, empty or non-image file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -138,12 +143,20 @@ def stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Encoded(NamedTuple):
-    """A training batch left encoded for data.decode=gpu: each image's JPEG bytes (uint8, 1-D) and the crop box
-    and flip that decode_train draws for it."""
+    """A training batch left encoded for data.decode=gpu: every image's JPEG bytes one after another in one
+    uint8 tensor (one shared-memory block, so one file descriptor, per batch on its way from a loader worker:
+    a tensor per image took 256 of them a batch, and 2 workers with 4 batches in flight ran out of the usual
+    1,024), where each image's bytes end, and the crop box and flip that decode_train draws for each image."""
 
-    jpegs: list[torch.Tensor]
+    data: torch.Tensor
+    ends: list[int]
     boxes: list[tuple[int, int, int, int]]
     flips: list[bool]
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """Each image's bytes: views of data, no copy."""
+        starts = [0, *self.ends[:-1]]
+        return [self.data[start:end] for start, end in zip(starts, self.ends)]
 
 
 def encode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator, size: tuple[int, int] | None = None
@@ -155,8 +168,10 @@ def encode_train(jpeg: bytes, cfg: DataConfig, rng: np.random.Generator, size: t
 
 
 def encoded_batch(items: list[tuple[torch.Tensor, tuple[int, int, int, int], bool]]) -> Encoded:
-    """encode_train's results as one Encoded batch."""
-    return Encoded(*(list(column) for column in zip(*items)))
+    """encode_train's results as one Encoded batch, the bytes packed into one tensor."""
+    jpegs, boxes, flips = (list(column) for column in zip(*items))
+    ends = np.cumsum([len(jpeg) for jpeg in jpegs]).tolist()
+    return Encoded(torch.cat(jpegs), ends, boxes, flips)
 
 
 def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
@@ -165,11 +180,12 @@ def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
     call), each cut to its box, resized and flipped as decode_train does after a full-size decode; and which
     sample each image is. An image that does not decode is reported through on_corrupt(index, error) and
     replaced by a copy of another image of the batch (sources[i] != i: its label must follow)."""
+    jpegs = batch.jpegs()
     try:
-        images = decode_full_batch(batch.jpegs, device)
+        images = decode_full_batch(jpegs, device)
     except RuntimeError:  # which one: decode them one by one
         images = []
-        for index, jpeg in enumerate(batch.jpegs):
+        for index, jpeg in enumerate(jpegs):
             try:
                 images.append(decode_full_batch([jpeg], device)[0])
             except RuntimeError as err:
@@ -190,7 +206,37 @@ def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
 
 def decode_full_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Full-size RGB decodes of a list of JPEG bytes (uint8 1-D tensors) on the device, by decode_full's decoder
-    (on CUDA: one batched nvJPEG call); RuntimeError when it refuses one of them."""
+    (on CUDA: one batched nvJPEG call); RuntimeError when it refuses one of them.
+
+    On CUDA the decode runs on a stream of its own (side_stream), the training stream waits for it, and
+    every image is marked as used by the training stream. nvJPEG's hardware decoder writes when it is called,
+    not in stream order, and torchvision's decodes on a private stream that never waits for the caller's: into
+    memory the caching allocator hands out from the caller's stream, a block that the kernels still queued
+    there (the host runs about a step ahead) may yet read (pytorch/vision#9606: 134 of 200 iterations corrupted
+    on an H100; torchcodec 0.17 waits for the stream it is given on the host, meta-pytorch/torchcodec#1634).
+    Allocated on the side stream, the images come from blocks no training kernel ever used, and record_stream
+    keeps each from being reused until the training stream's work on it is done. What it costs: the decoders'
+    own host waits fall on the side stream, which holds nothing but the decode; the training stream is never
+    drained."""
+    if device.type != "cuda":
+        return _decode_batch(jpegs, device)
+    main, side = torch.cuda.current_stream(device), side_stream(device)
+    with torch.cuda.stream(side):
+        images = _decode_batch(jpegs, device)
+    main.wait_stream(side)
+    for image in images:
+        image.record_stream(main)
+    return images
+
+
+@functools.lru_cache(maxsize=16)
+def side_stream(device: torch.device):
+    """The device's decoding stream, made once."""
+    return torch.cuda.Stream(device)
+
+
+def _decode_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """decode_full's decoder on a list, on the device."""
     if torchcodec_decode_jpeg is not None:
         return torchcodec_decode_jpeg(list(jpegs), mode="RGB", device=device)
     with warnings.catch_warnings():

@@ -88,7 +88,7 @@ def fig1(tables: dict[int, dict], path: Path) -> None:
                     yerr=[[d - i[0] for d, i in zip(diffs, intervals)], [i[1] - d for d, i in zip(diffs, intervals)]],
                     marker="s", capsize=3, color="k", linestyle="--", label="paper, 90 epochs (ResNet-50, ImageNet)")
     ax.axhline(0, color="0.5", linewidth=0.8)
-    ax.set(xscale="log", xlabel="kn / reference kn (here 32 images; the paper's 256)",
+    ax.set(xscale="log", xlabel=f"kn / reference kn (here {reference_batch} images; the paper's 256)",
            ylabel="top-1 error minus 1x's (points)",
            title="error against minibatch size, as the difference from 1x (cf. Goyal et al. Fig. 1)")
     if paper:
