@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import interleaved_rounds, write_result  # noqa: E402
+from pipeline import config  # noqa: E402
 from pipeline.train import buckets, distributed  # noqa: E402
 
 MODES = ("deepspeed", "buckets", "ddp", "local")
@@ -86,13 +87,12 @@ def build_steps(args: argparse.Namespace, world: int) -> dict:
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads)
-    distributed.keep_freed_memory()  # as a training rank on CPU does
     if rank:
         sys.stdout = open(os.devnull, "w")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    # As a training rank on gloo: on the CPU even where GPUs are visible, glibc keeping freed memory
+    cfg = config.apply_overrides(config.preset("demo"), [f"cluster.gpus_per_node={world}", "cluster.backend=gloo",
+                                                         f"cluster.cpus_per_task={args.threads}"])
+    distributed.init_distributed(cfg)
     steps = build_steps(args, world)
 
     def timed(step):

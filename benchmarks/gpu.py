@@ -1,14 +1,17 @@
 """The GPU check in one command, for a CUDA machine without network (benchmarks/gpu.sh runs it):
 
-    python benchmarks/gpu.py [--out docs/results/gpu.json] [--skip SECTION ...]
+    python benchmarks/gpu.py [--out docs/results/gpu.json] [--results DIR] [--skip SECTION ...]
 
-Sections, in this order, each written to the JSON as soon as it ends (a section that fails records its
-error and the next one runs); docs/gpu.md names every key:
+Sections, in this order, each in a process of its own (one section's failure, process group or environment
+never reaches the next), each written as soon as it ends to DIR/<section>.json (default $OUT where that is
+set, else a folder in the system's temp: outside the checkout, so a run cut off keeps what it measured) and
+merged into --out; a section that fails records its error and the next one runs. docs/gpu.md names every key:
 
 - gpu_tests: the `gpu`-marked tests (pytest -m gpu), with CUDA visible.
-- resnet50_eager: ResNet-50 training images/s, bf16 autocast, channels_last, synthetic input on the GPU,
-  through our engine (DeepSpeed, our SGD and schedule, the overlapped buckets) beside plain PyTorch
-  (torchvision's ResNet-50, torch's SGD with the same settings, no DeepSpeed), measured in this run.
+- resnet50_eager: ResNet-50 training images/s at 32 images per GPU (the paper's n, where a step is bound by
+  kernel launches) and at 256, bf16 autocast, channels_last, synthetic input on the GPU, through our engine
+  (DeepSpeed, our SGD and schedule, the overlapped buckets) beside plain PyTorch (torchvision's ResNet-50,
+  torch's SGD with the same settings, no DeepSpeed), measured in the same process.
 - demo_bf16: the demo end to end on one GPU over NCCL in bf16: trained, stopped mid-run with Ctrl-C (a
   checkpoint at the stop), resumed, evaluated; Fashion-MNIST from $FASHION_MNIST_DIR.
 - decode: images/s of the GPU JPEG decoder that pipeline.data.decode uses (torchcodec's, else torchvision's:
@@ -41,7 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("gpu_tests", "resnet50_eager", "demo_bf16", "decode", "resnet50_run", "resnet50_run_gpu_decode",
             "resnet50_compiled")
-BATCH = 256  # images per step for the throughput sections: n=32 leaves an H200 waiting on kernel launches
+BATCH = 256  # images per step for the loader and run sections: n=32 leaves an H200 waiting on kernel launches
+MODEL_BATCHES = (32, 256)  # images per GPU of the model sections: the presets' n, and the GPU's fill
+# What a section may not inherit: a process group's environment makes pipeline.submit's ranks skip
+# submitit's set-up and collide on a port
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 IMAGE_SIDES = (500, 375)  # ImageNet's typical size
 GRAIN = 44  # pixel noise that brings JPEGs at quality 90 to ImageNet's ~0.8 bytes per pixel (measured)
 
@@ -63,8 +70,8 @@ def gpu_tests() -> dict:
             "failures": result.stdout[-3000:] if result.returncode else ""}
 
 
-def images_per_second(step, steps: int = 30, warmup: int = 10) -> float:
-    """BATCH images per call of step(), timed over `steps` calls after `warmup`, device synchronised."""
+def images_per_second(step, batch: int, steps: int = 30, warmup: int = 10) -> float:
+    """`batch` images per call of step(), timed over `steps` calls after `warmup`, device synchronised."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -72,24 +79,34 @@ def images_per_second(step, steps: int = 30, warmup: int = 10) -> float:
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    return BATCH * steps / (time.perf_counter() - started)
+    return batch * steps / (time.perf_counter() - started)
 
 
 def resnet50(compiled: bool) -> dict:
-    """Ours against plain PyTorch, the same model, optimizer settings, precision and input, in this process."""
+    """Ours against plain PyTorch at each of MODEL_BATCHES, the same model, optimizer settings, precision and
+    input, in this process; its process group is destroyed at the end."""
+    import torch.distributed as dist
+
     from pipeline import config
     from pipeline.train import distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("GPU_BENCH_PORT", "29533"))
-    cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), [
-        "cluster.gpus_per_node=1", f"train.micro_batch={BATCH}", "train.precision=bf16", "cluster.backend=nccl",
-        f"train.compile={str(compiled).lower()}"])
-    device = distributed.init_distributed(cfg)
-    x = torch.randn(BATCH, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (BATCH,), device=device)
-    ours, plain = ours_img_s(cfg, x, y), plain_img_s(compiled, x, y)
-    return {"batch": BATCH, "ours_img_s": ours, "plain_img_s": plain, "ratio": ours / plain}
+    result = {}
+    try:
+        for batch in MODEL_BATCHES:
+            cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), [
+                "cluster.gpus_per_node=1", f"train.micro_batch={batch}", "train.precision=bf16",
+                "cluster.backend=nccl", f"train.compile={str(compiled).lower()}"])
+            device = distributed.init_distributed(cfg) if not dist.is_initialized() else torch.device("cuda", 0)
+            x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            ours, plain = ours_img_s(cfg, x, y), plain_img_s(compiled, x, y)
+            result[str(batch)] = {"ours_img_s": ours, "plain_img_s": plain, "ratio": ours / plain}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {**result, "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def ours_img_s(cfg, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -107,7 +124,7 @@ def ours_img_s(cfg, x: torch.Tensor, y: torch.Tensor) -> float:
         ours.backward(loss)
         ours.step()
 
-    return images_per_second(step)
+    return images_per_second(step, len(x))
 
 
 def plain_img_s(compiled: bool, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -125,7 +142,7 @@ def plain_img_s(compiled: bool, x: torch.Tensor, y: torch.Tensor) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return images_per_second(step)
+    return images_per_second(step, len(x))
 
 
 def imagenet_like_jpeg(seed: int) -> bytes:
@@ -237,8 +254,12 @@ def resnet50_run(work: Path, decode_on: str) -> dict:
     records = run_records(run_dir)
     iters = [r for r in records if r["_type"] == "train_iter"][1:]  # the first window holds the start-up
     evals = [r for r in records if r["_type"] == "eval"]
+    from pipeline.data.decode import torchcodec_decode_jpeg
+
     return {"img_s_train": float(np.median([r["img_s"] for r in iters])),
             "data_wait": float(np.mean([r["data_wait"] for r in iters])),
+            "decoder": ("cpu" if decode_on == "cpu" else
+                        "torchcodec" if torchcodec_decode_jpeg is not None else "torchvision"),
             "img_s_with_eval": train.num_samples * len(evals) / sum(r["epoch_s"] for r in evals),
             "train_samples": train.num_samples, "batch": BATCH}
 
@@ -277,35 +298,71 @@ def demo_bf16(work: Path) -> dict:
             "stop_line": next((line for line in out.splitlines() if line.startswith("stopped after")), err[-300:])}
 
 
+def run_section(name: str, work: Path) -> dict:
+    """One section in this process."""
+    runs = {"gpu_tests": gpu_tests, "resnet50_eager": lambda: resnet50(False), "demo_bf16": lambda: demo_bf16(work),
+            "decode": lambda: decode(work), "resnet50_run": lambda: resnet50_run(work, "cpu"),
+            "resnet50_run_gpu_decode": lambda: resnet50_run(work, "gpu"),
+            "resnet50_compiled": lambda: resnet50(True)}
+    return runs[name]()
+
+
+def section_env() -> dict:
+    """The environment of a section's process: ours, without a process group's variables."""
+    return {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+
+
+def run_sections(names: list[str], work: Path, results_dir: Path, out: Path, header: dict) -> dict:
+    """Every section in a process of its own (this script with --section), in order; each one's result (or its
+    error, or its exit) written to results_dir/<name>.json when it ends, and all so far merged into out."""
+    results = {**header, "sections": {}}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        started = time.time()
+        path = results_dir / f"{name}.json"
+        path.unlink(missing_ok=True)
+        try:
+            child = subprocess.run([sys.executable, __file__, "--section", name, "--work", str(work),
+                                    "--results", str(results_dir)], cwd=ROOT, env=section_env(), timeout=900,
+                                   capture_output=True, text=True)
+            section = (json.loads(path.read_text()) if path.is_file() else
+                       {"error": f"the section's process exited with {child.returncode}: {child.stderr[-2000:]}"})
+        except subprocess.TimeoutExpired:
+            section = {"error": "the section ran past 900 s and was stopped"}
+        section["section_s"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(section, indent=2) + "\n")
+        results["sections"][name] = section
+        print(name, json.dumps(section), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "gpu.json")
+    parser.add_argument("--results", type=Path,
+                        default=Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "gpu-bench-results"),
+                        help="a folder outside the checkout for one JSON per section (default $OUT, else the temp's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections not to run")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # one section, in this process
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)  # the sections' shared scratch folder
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False here", file=sys.stderr)
         return 2
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-               "cpus": os.cpu_count(), "sections": {}}
+    if args.section:
+        try:
+            section = run_section(args.section, args.work)
+        except Exception as err:  # record it: the other sections' numbers still count
+            section = {"error": f"{type(err).__name__}: {err}"[-3000:]}
+        (args.results / f"{args.section}.json").write_text(json.dumps(section, indent=2) + "\n")
+        return 0
+    header = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        work = Path(tmp)
-        runs = {"gpu_tests": gpu_tests, "resnet50_eager": lambda: resnet50(False), "demo_bf16": lambda: demo_bf16(work),
-                "decode": lambda: decode(work), "resnet50_run": lambda: resnet50_run(work, "cpu"),
-                "resnet50_run_gpu_decode": lambda: resnet50_run(work, "gpu"),
-                "resnet50_compiled": lambda: resnet50(True)}
-        for name in SECTIONS:
-            if name in args.skip:
-                continue
-            started = time.time()
-            try:
-                results["sections"][name] = runs[name]()
-            except Exception as err:  # record it, go on: the other sections' numbers still count
-                results["sections"][name] = {"error": f"{type(err).__name__}: {err}"[-3000:]}
-            results["sections"][name]["section_s"] = round(time.time() - started, 1)
-            print(name, json.dumps(results["sections"][name]), flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        run_sections([name for name in SECTIONS if name not in args.skip], Path(tmp), args.results, args.out, header)
+    print(f"wrote {args.out} and one JSON per section in {args.results}")
     return 0
 
 

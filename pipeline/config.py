@@ -99,7 +99,11 @@ class TrainConfig:
 
     micro_batch: int = 32  # n: images per GPU per step, and the BatchNorm batch (paper 2.3: 32)
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (emulates a larger kn)
-    precision: str = "fp32"  # fp32 (paper) or bf16 (GPU); picks ds_configs/<precision>.json
+    # "fp32" (the paper): full fp32 matmuls and convolutions (TF32 off); "tf32": fp32 weights and activations, the
+    # GPU's matmuls and convolutions on TF32 (inputs rounded to 10 bits of mantissa); "bf16": autocast to bf16 on
+    # fp32 weights (TF32 for what stays fp32). Set explicitly on every GPU rank, never left to torch's defaults.
+    # Picks ds_configs/<precision>.json (tf32 takes fp32.json: DeepSpeed sees fp32)
+    precision: str = "fp32"
     ds_config: str = ""  # DeepSpeed JSON; empty means ds_configs/<precision>.json of this project
     # the cross-entropy's target puts 1 - s on the label and s spread over all classes (0: none, the paper;
     # 0.1 in the LARS recipes past 8k)
@@ -417,8 +421,8 @@ def resolve(cfg: Config) -> Plan:
         errors.append(f"schedule.warmup={cfg.schedule.warmup!r}; valid: gradual, constant")
     if cfg.optim.scaling not in ("linear", "sqrt"):
         errors.append(f"optim.scaling={cfg.optim.scaling!r}; valid: linear, sqrt")
-    if cfg.train.precision not in ("fp32", "bf16"):
-        errors.append(f"train.precision={cfg.train.precision!r}; valid: fp32, bf16")
+    if cfg.train.precision not in ("fp32", "tf32", "bf16"):
+        errors.append(f"train.precision={cfg.train.precision!r}; valid: fp32, tf32, bf16")
     if cfg.cluster.backend not in ("auto", "gloo", "nccl"):
         errors.append(f"cluster.backend={cfg.cluster.backend!r}; valid: auto, gloo, nccl")
     if errors:

@@ -23,10 +23,11 @@ LOGGING_KEYS = ("timers", "steps_per_print", "wall_clock_breakdown")
 
 
 def ds_config_path(cfg: Config) -> Path:
-    """The DeepSpeed JSON to use: train.ds_config, else ds_configs/<precision>.json of this project."""
+    """The DeepSpeed JSON to use: train.ds_config, else ds_configs/<precision>.json of this project (fp32.json
+    for tf32: to DeepSpeed, a TF32 run is an fp32 one)."""
     if cfg.train.ds_config:
         return Path(cfg.train.ds_config)
-    return PROJECT_ROOT / "ds_configs" / f"{cfg.train.precision}.json"
+    return PROJECT_ROOT / "ds_configs" / f"{'fp32' if cfg.train.precision == 'tf32' else cfg.train.precision}.json"
 
 
 def reconcile_ds_config(raw: dict, source: str, cfg: Config, plan: Plan) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+from pipeline import config
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.shards import demo
 
@@ -94,3 +95,15 @@ def truncate_sample(shard: Path, index: int, keep: int) -> str:
 def weight_names(state: dict) -> list[str]:
     """The trained parameters of a saved module's state: BN running statistics are per-rank estimates."""
     return [k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
+def start_cpu_rank(rank: int, world: int, port: int):
+    """One rank of a multi-process test: the environment torch.distributed reads, then the pipeline's own
+    init_distributed on gloo, which keeps the rank and DeepSpeed's engine on the CPU even where GPUs are
+    visible (the rank's local rank would otherwise pick a GPU that may not exist). Returns the device."""
+    from pipeline.train import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = config.apply_overrides(config.preset("demo"), [f"cluster.gpus_per_node={world}", "cluster.backend=gloo"])
+    return distributed.init_distributed(cfg)

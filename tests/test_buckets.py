@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from pipeline.train import buckets
 from torch.utils.checkpoint import checkpoint
 
-from helpers import pick_port
+from helpers import pick_port, start_cpu_rank
 
 MICRO = 4
 # Bucket sizes in elements: one parameter per bucket, sizes that cut no parameter boundary evenly, one bucket.
@@ -79,10 +79,7 @@ def reduced_gradients(engine, reducer, rank: int, accum: int) -> tuple[list[torc
 
 
 def rank_main(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.set_num_threads(1)
+    start_cpu_rank(rank, world, port)
     results = {}
     for accum in (1, 2):
         for comm in ("fp32", "bf16"):
@@ -172,8 +169,7 @@ def test_configurations_that_would_see_unreduced_gradients_are_refused(tmp_path)
 
 
 def refusal_main(rank, port, out_dir):
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    start_cpu_rank(0, 1, port)
     net = Odd()
     ds_config = {"train_batch_size": MICRO, "gradient_clipping": 1.0, "steps_per_print": 10**6,
                  "zero_optimization": {"stage": 0, "overlap_comm": True}}
@@ -239,10 +235,7 @@ def test_misuse_is_refused_naming_the_parameter_and_no_sync_is_honoured(tmp_path
 
 
 def misuse_main(rank, port, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.set_num_threads(1)
+    start_cpu_rank(rank, 2, port)
     gen = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(MICRO, 3, 9, 9, generator=gen), torch.randint(0, 7, (MICRO,), generator=gen))
                for _ in range(2)]
@@ -338,3 +331,17 @@ def faults_main(rank, port, out_dir):
         ds_engine.step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     torch.save(faults[4:], out_dir / f"faults{rank}.pt")
+
+
+def test_a_channels_last_gradient_goes_into_its_bucket_in_its_own_memory_order():
+    """The slot of a channels_last conv weight's gradient is viewed with the gradient's strides: the copy is a
+    plain memory copy (the buffer holds the NHWC order), not a transpose into an NCHW view; a contiguous
+    gradient keeps the plain view."""
+    grad = torch.randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    buffer = torch.zeros(7 + grad.numel())
+    slot = buckets._slot(buffer, 7, grad)
+    assert slot.stride() == grad.stride()
+    slot.copy_(grad)
+    assert torch.equal(buffer[7:], grad.permute(0, 2, 3, 1).flatten())
+    plain = torch.randn(4, 3)
+    assert buckets._slot(torch.zeros(12), 0, plain).stride() == plain.stride()

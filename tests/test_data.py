@@ -6,6 +6,8 @@ import pickle
 import shlex
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
@@ -20,6 +22,8 @@ from pipeline.data.workers import loader as make_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.train import loop
 from torchvision.transforms import v2
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo
 
@@ -462,3 +466,100 @@ def test_gpu_decoding_on_cuda_gives_the_picture_of_the_cpu_path():
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
     for i in range(len(on_cpu)):
         assert_same_picture(on_gpu[i].cpu().float(), on_cpu[i].float())
+
+
+def test_a_torchcodec_whose_native_libraries_fail_to_load_falls_back_to_torchvision_with_a_warning():
+    """A torchcodec built for another torch or FFmpeg raises OSError (or RuntimeError) from its import, not
+    ImportError: the decode module still imports, says why, and decodes with torchvision's decoder."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys, warnings
+
+        class Broken(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.startswith("torchcodec"):
+                    raise OSError("libtorchcodec_core7.so: undefined symbol")
+
+        sys.meta_path.insert(0, Broken())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from pipeline.data import decode
+        assert decode.torchcodec_decode_jpeg is None
+        assert any("torchcodec is installed but does not load (libtorchcodec_core7.so" in str(w.message) for w in caught)
+        print("fell back")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "fell back" in result.stdout, result.stderr[-2000:]
+
+
+def test_an_encoded_batch_crosses_from_a_loader_worker_in_one_file_descriptor():
+    """data.decode=gpu at 256 images a batch, 2 workers with 4 batches in flight each, under ulimit -n 256:
+    the batch's bytes are one tensor (one shared-memory descriptor), so the loader runs; with a tensor per
+    image it needed 2,048 descriptors and failed with "Too many open files"."""
+    script = textwrap.dedent("""
+        import dataclasses, resource, sys, torch
+        sys.path.insert(0, "tests")
+        from test_data import imagenet_cfg, photo_samples
+        from pipeline.data import streams
+
+        class Batches(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                cfg = dataclasses.replace(imagenet_cfg(), decode="gpu")
+                for i in range(12):
+                    yield streams.train_batch(photo_samples() * 32, cfg, [i])
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=2, prefetch_factor=4)
+        batches = list(loader)
+        assert len(batches) == 24 and all(len(b.images.jpegs()) == 256 for b in batches)
+        print("ran")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-2000:]
+
+
+class FakeStream:
+    """A stand-in for a CUDA stream that records what is done with it."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def wait_stream(self, other):
+        self.calls.append(f"{self.name} waits for {other.name}")
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_gpu_decoding_allocates_on_its_own_stream_and_the_training_stream_waits_for_it(monkeypatch, decoder):
+    """On CUDA (stand-ins recording the calls, on this CPU machine), with either decoder: the decode runs with
+    the side stream current, so its images come from blocks that no kernel queued on the training stream can
+    still read; then the training stream waits for the side stream, and every image is marked as used by the
+    training stream (record_stream) before anything there touches it."""
+    import contextlib
+
+    calls, current = [], []
+    main, side = FakeStream("main", calls), FakeStream("side", calls)
+
+    class Image:
+        def record_stream(self, stream):
+            calls.append(f"image used on {stream.name}")
+
+    def fake_decode(jpegs, mode, device):
+        calls.append(f"decode on {current[-1].name if current else 'main'}")
+        return [Image() for _ in jpegs]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(decode, "side_stream", lambda device: side)
+    if decoder == "torchcodec":
+        monkeypatch.setattr(decode, "torchcodec_decode_jpeg", fake_decode)
+    else:
+        monkeypatch.setattr(decode, "torchcodec_decode_jpeg", None)
+        monkeypatch.setattr(decode, "decode_jpeg", fake_decode)
+    images = decode.decode_full_batch([torch.zeros(3, dtype=torch.uint8)] * 2, torch.device("cuda", 0))
+    assert len(images) == 2
+    assert calls == ["decode on side", "main waits for side", "image used on main", "image used on main"]

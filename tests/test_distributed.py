@@ -212,3 +212,36 @@ def test_a_rank_that_stops_answering_fails_the_others_after_the_collective_timeo
     message = out.read_text()
     assert message.startswith("rank 0: a collective failed (") and "Timed out waiting 2000ms" in message, message
     assert "cluster.collective_timeout_s=2 s" in message and "requeued" in message
+
+
+def test_the_device_follows_the_backend_and_the_gpus_the_process_sees():
+    """gloo stays on the CPU with GPUs present; NCCL takes the local rank's GPU, or the only one where the
+    cluster binds one GPU to each task (every task sees cuda:0); more ranks than GPUs is an error naming both."""
+    from pipeline.train.distributed import rank_device
+
+    assert rank_device("gloo", 3, 8) == torch.device("cpu")
+    assert rank_device("nccl", 3, 8) == torch.device("cuda", 3)
+    assert rank_device("nccl", 3, 1, "GPU-5") == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match=r"local rank 3 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES='0,1'\)"):
+        rank_device("nccl", 3, 2, "0,1")
+    with pytest.raises(RuntimeError, match="needs a GPU, but this process sees none"):
+        rank_device("nccl", 0, 0, "")
+
+
+def test_tf32_is_set_by_the_precision_not_left_to_torchs_defaults():
+    """torch's defaults: TF32 in cuDNN's convolutions, not in matmuls. fp32 turns both off (the paper's
+    arithmetic), tf32 and bf16 both on; tf32 takes DeepSpeed's fp32 JSON."""
+    from pipeline import dsconfig
+    from pipeline.train.distributed import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for precision, on in (("fp32", False), ("tf32", True), ("bf16", True)):
+            assert set_tf32(precision) == {"matmul": on, "cudnn": on}
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (on, on)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    cfg = config.apply_overrides(config.preset("goyal_r50_bs256"), ["train.precision=tf32"])
+    assert dsconfig.ds_config_path(cfg).name == "fp32.json"
+    with pytest.raises(ValueError, match="valid: fp32, tf32, bf16"):
+        config.resolve(config.apply_overrides(cfg, ["train.precision=fp16"]))

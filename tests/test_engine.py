@@ -186,6 +186,19 @@ def test_precise_bn_sets_statistics_to_the_plain_average_over_batches():
     assert net[0].momentum == 0.1 and net.training  # BN's own settings come back
 
 
+def test_precise_bn_runs_under_the_trainings_autocast():
+    """Under train.precision=bf16 the statistics come from the forwards training runs: in bf16 autocast."""
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    net[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    batches = [streams.Batch(torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8), torch.zeros(8), [], 0)] * 2
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = config.apply_overrides(config.preset("demo"), [f"train.precision={precision}"])
+        seen.clear()
+        loop.precise_bn(net, iter(batches), 2, cfg, torch.device("cpu"))
+        assert seen == [dtype, dtype]
+
+
 def test_precise_bn_cannot_ask_for_more_batches_than_an_epoch_has():
     with pytest.raises(ValueError, match="train.precise_bn_batches=1000 exceeds the 937 micro-batches"):
         config.resolve(config.apply_overrides(config.preset("demo"), ["train.precise_bn_batches=1000"]))
@@ -203,9 +216,9 @@ def test_the_per_batch_arithmetic_stays_on_the_models_device():
     """The meta device stands in for a GPU here (none is needed): an operand made on the CPU, such as
     torch.tensor(len(labels)), fails in torch.stack beside meta tensors as it would beside CUDA ones. Input
     normalisation, the forward, the training window's sums, the evaluation counts and the finite-loss flag run
-    here on meta. What cannot: the collectives (gloo takes CPU tensors only), DeepSpeed's engine, and precise
-    BN (torch's cumulative BN average reads num_batches_tracked on the host, which meta tensors refuse and
-    CUDA ones allow, with a sync per BN layer and batch)."""
+    here on meta, and so does precise BN, which reads nothing on the host (torch's update_bn, which it replaced,
+    read num_batches_tracked for every BN layer and batch: meta tensors refuse that, CUDA ones sync). What
+    cannot: the collectives (gloo takes CPU tensors only) and DeepSpeed's engine."""
     cfg = config.preset("demo")
     meta = torch.device("meta")
     net = model.build(cfg.model).to(meta)
@@ -222,6 +235,9 @@ def test_the_per_batch_arithmetic_stays_on_the_models_device():
     counts += loop.hit_counts(loop.forward(net.eval(), images, cfg, meta), labels)
     assert window.device == counts.device == stop._finite.device == meta
     assert window.shape == (4,) and counts.shape == (3,)
+    batch = streams.Batch(images, labels, [], 0)
+    loop.precise_bn(net, iter([batch, batch]), 2, cfg, meta)
+    assert net.bn1.running_mean.device == meta
 
 
 def test_the_loss_and_the_counts_see_fp32_logits_of_a_bf16_model():
@@ -410,24 +426,29 @@ def test_a_training_step_makes_no_host_sync_but_the_lagged_read_of_the_stop_flag
 
 
 def compiled_rank(rank: int, port: int, out) -> None:
-    """Three steps of the demo's model from one initialisation on fixed batches, eager and compiled."""
+    """Three steps of the demo's model from one initialisation on fixed batches, eager and compiled, on the
+    rank's device (NCCL and cuda:0 where a GPU is visible, else gloo and the CPU): the batches go where the
+    engine's model is."""
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.manual_seed(0)
     batches = [streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)),
                              [], 0) for _ in range(3)]
-    result = {}
+    result, device = {}, None
     for compiled in (False, True):
         cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
-                                                             "train.log_every=1", f"train.compile={compiled}"])
+                                                             "train.log_every=1", f"train.compile={compiled}",
+                                                             "cluster.backend=auto"])
         plan = config.resolve(cfg)
-        device = distributed.init_distributed(cfg) if not compiled else torch.device("cpu")
+        device = device or distributed.init_distributed(cfg)  # torch.distributed once; both runs on its device
         torch.manual_seed(0)
-        ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+        ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
+                                        channels_last=device.type == "cuda")
+        assert next(ds_engine.module.parameters()).device.type == device.type
         log = out.with_suffix(f".{compiled}.jsonl")
         loop.train_epoch(ds_engine, cfg, plan, iter(batches), 0, device, metrics.MetricsLog(log, enabled=True),
                          preempt.StopRequest())
         result[compiled] = {"loss": [r["loss"] for r in metrics.read(log)],
-                            "weights": {k: v.clone() for k, v in ds_engine.module.state_dict().items()},
+                            "weights": {k: v.cpu().clone() for k, v in ds_engine.module.state_dict().items()},
                             "compiled": ds_engine.is_compiled}
     torch.save(result, out)
 

@@ -2,8 +2,6 @@
 squares, whose per-sample gradients are known in closed form: the estimate against tr(Sigma) / |G|^2
 computed from every sample's gradient."""
 
-import os
-
 import deepspeed
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pipeline.train import buckets, noise
 
-from helpers import pick_port
+from helpers import pick_port, start_cpu_rank
 
 SAMPLES, DIM, MICRO, STEPS = 4096, 8, 8, 1500
 
@@ -62,10 +60,7 @@ def measure(rank: int, world: int, accum: int) -> dict:
 
 
 def rank_main(rank: int, world: int, accum: int, port: int, out) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.set_num_threads(1)
+    start_cpu_rank(rank, world, port)
     result = measure(rank, world, accum)
     if rank == 0:
         torch.save(result, out)

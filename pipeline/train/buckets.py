@@ -27,6 +27,17 @@ class _Bucket:
         self.previous: torch.Tensor | None = None  # the step before's reduced gradient (noise pairing of steps)
 
 
+def _slot(buffer: torch.Tensor, offset: int, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient's place in a bucket's flat buffer, viewed in the gradient's own memory order where it is
+    channels_last (a conv weight's on GPU: NHWC): the copies in and out are then plain memory copies, where an
+    NCHW view of the slot would transpose them element by element. Every rank's gradients have the same
+    layout, so the buffers line up element for element across ranks."""
+    flat = buffer[offset:offset + grad.numel()]
+    if grad.dim() == 4 and not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last):
+        return flat.as_strided(grad.shape, grad.stride())
+    return flat.view(grad.shape)
+
+
 class BucketedAllreduce:
     """Overlapped stage-0 gradient allreduce for a DeepSpeed engine; replaces DeepSpeed's own."""
 
@@ -112,8 +123,7 @@ class BucketedAllreduce:
         for param in bucket.params:
             if param.grad is None:  # no gradient this step: zeros, so that every rank sends the same size
                 param.grad = torch.zeros_like(param)
-            # view_as/copy_, not view(-1): a channels_last conv weight has a non-contiguous gradient
-            bucket.buffer[offset:offset + param.numel()].view_as(param).copy_(param.grad)
+            _slot(bucket.buffer, offset, param.grad).copy_(param.grad)
             offset += param.numel()
         bucket.versions = [param.grad._version for param in bucket.params]
         if self.meter is not None and self.meter.pair.kind == "ranks":
@@ -163,7 +173,7 @@ class BucketedAllreduce:
                 self._measure(bucket)
             offset = 0
             for param in bucket.params:
-                param.grad.copy_(bucket.buffer[offset:offset + param.numel()].view_as(param))
+                param.grad.copy_(_slot(bucket.buffer, offset, param.grad))
                 offset += param.numel()
         if self.meter is not None:
             self.meter.count(*self._counts())

@@ -28,18 +28,54 @@ def init_distributed(cfg: Config) -> torch.device:
     backend = cfg.cluster.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():  # rank r of a node takes GPU r (docs/gpu.md)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = rank_device(backend, local_rank, torch.cuda.device_count() if backend != "gloo" else 0,
+                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+        set_tf32(cfg.train.precision)
         # Every step has the same shapes: let cuDNN time its convolution algorithms once and keep the fastest.
         # The price: a GPU run is not bit-for-bit repeatable (nor is it with atomics in cuDNN's backward).
         torch.backends.cudnn.benchmark = True
     else:
-        device = torch.device("cpu")
+        if torch.cuda.is_available():  # a gloo run on a GPU node stays on the CPU: so must DeepSpeed's engine
+            from deepspeed.accelerator import set_accelerator
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
         keep_freed_memory()
     deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                timeout=datetime.timedelta(seconds=cfg.cluster.collective_timeout_s))
     return device
+
+
+def set_tf32(precision: str) -> dict:
+    """TF32 for matmuls and cuDNN convolutions, on for train.precision=tf32 and bf16 (what autocast leaves in
+    fp32), off for fp32 (the paper's arithmetic); torch's own defaults differ between the two (convolutions
+    on, matmuls off). Returns what is set, for the run's start record."""
+    on = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return {"matmul": on, "cudnn": on}
+
+
+def rank_device(backend: str, local_rank: int, visible: int, visible_env: str | None = None) -> torch.device:
+    """The rank's device: the CPU on gloo (even where GPUs are present); on NCCL the GPU of its local rank
+    among the `visible` ones, or the only one where the cluster binds one GPU to each task (--gpus-per-task,
+    cgroup ConstrainDevices: every task sees its own as cuda:0). Raises where the ranks outnumber the GPUs."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    if visible == 0:
+        raise RuntimeError(f"cluster.backend={backend} needs a GPU, but this process sees none "
+                           f"(CUDA_VISIBLE_DEVICES={visible_env!r}); ask Slurm for GPUs, or run on the CPU with "
+                           "cluster.backend=gloo")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                           f"{visible_env!r}): more ranks on this node than GPUs; run one rank per GPU "
+                           "(--gpus-per-node = the node's GPUs) or bind one GPU to each task")
+    return torch.device("cuda", local_rank)
 
 
 # How gloo's transport words a timeout and a peer that went away (torch raises them as plain RuntimeErrors)

@@ -6,6 +6,7 @@ All state lives in the run folder (config.json, ds_config.json, metrics.jsonl, c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -67,12 +68,35 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: Config) -> to
     return torch.nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.train.label_smoothing)
 
 
+@torch.no_grad()
 def precise_bn(net: torch.nn.Module, batches, count: int, cfg: Config, device: torch.device) -> None:
     """Replace BN running statistics with their plain average over `count` training batches ("precise
-    BN", as in pycls), instead of the exponential running averages; evaluate() then averages them over
-    ranks like the running ones. torch's update_bn does the resetting and the forward passes."""
-    inputs = (model_input(on_device(batch, cfg, device)[0], cfg, device) for batch in itertools.islice(batches, count))
-    torch.optim.swa_utils.update_bn(inputs, net)
+    BN", pycls's compute_precise_bn_stats), instead of the exponential running averages; evaluate() then
+    averages them over ranks like the running ones. The forwards run in training mode under the training's
+    precision (bf16 autocast where it trains so). With momentum 1 each forward leaves its batch's statistics,
+    which are summed on the device: torch's update_bn instead runs BN's cumulative average, which reads
+    num_batches_tracked on the host for every BN layer and batch (a sync each on a GPU)."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    means = [torch.zeros_like(bn.running_mean) for bn in bns]
+    variances = [torch.zeros_like(bn.running_var) for bn in bns]
+    momenta, training = [bn.momentum for bn in bns], net.training
+    for bn in bns:
+        bn.momentum = 1.0  # the running statistics become the batch's
+    net.train()
+    bf16 = cfg.train.precision == "bf16"
+    seen = 0
+    for batch in itertools.islice(batches, count):
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            net(model_input(on_device(batch, cfg, device)[0], cfg, device))
+        for bn, mean, var in zip(bns, means, variances):
+            mean += bn.running_mean
+            var += bn.running_var
+        seen += 1
+    for bn, mean, var, momentum in zip(bns, means, variances, momenta):
+        bn.running_mean.copy_(mean / seen)
+        bn.running_var.copy_(var / seen)
+        bn.momentum = momentum
+    net.train(training)
 
 
 def hit_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,6 +287,7 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
     log.add_tensorboard(purge_step=engine.global_steps)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
+              device=str(device), tf32=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
               job_id=os.environ.get("SLURM_JOB_ID"), restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
     if resumed:
         # After a crash, the steps since the checkpoint are trained and logged again: the resume record names
@@ -299,10 +324,13 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         if stopped:
             tag = save_checkpoint(f"step-{engine.global_steps:07d}")
             end_after_stop(engine, stop, tag, max_requeues, device, log)
-        if cfg.train.precise_bn_batches:
-            stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
-            precise_bn(engine.module, train_batches, cfg.train.precise_bn_batches, cfg, device)
-        result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
+        # Compiled for training's full batches in training mode: evaluation's mode, its short last batch and
+        # precise BN run eagerly instead of compiling the model again for each
+        with torch.compiler.set_stance("force_eager") if cfg.train.compile else contextlib.nullcontext():
+            if cfg.train.precise_bn_batches:
+                stream.set_epoch(epoch)  # the epoch's first batches, with the crops they were trained on
+                precise_bn(engine.module, train_batches, cfg.train.precise_bn_batches, cfg, device)
+            result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
         step_in_epoch = 0
         tag = save_checkpoint(f"epoch-{epoch:03d}")
