@@ -9,7 +9,8 @@ collective outlives cluster.collective_timeout_s; neither the signal path of pip
 submitit (which requeues on time limits and preemption only) requeues then. This does, at most N times (Slurm
 counts every requeue in SLURM_RESTART_COUNT), and the requeued job resumes from the newest complete
 checkpoint. Not requeued: a job that ended well, one already requeued by a stop signal, a finished or
-diverged run, and an attempt that failed before its first step (it would fail the same way again). After a
+diverged run, a run whose checkpoint could not be written (a full disk), and an attempt that failed before its
+first step (it would fail the same way again). After a
 failed step, requeued or not, it appends a `failed` record to the run's metrics.jsonl naming the exit
 status, srun's words on the tasks that died, and why it was or was not requeued.
 """
@@ -73,6 +74,9 @@ def decide(run_dir: Path, max_requeues: int) -> tuple[bool, str]:
     attempt = records[starts[-1]:] if starts else []
     if any(r["_type"] == "diverged" for r in attempt):
         return False, "the run diverged (a loss that was not finite): a requeue would diverge again"
+    if any(r["_type"] == "save_failed" for r in attempt):
+        return False, "a checkpoint could not be written (its record says where and how much space it needs): a " \
+                      "requeue would fail on the same disk; free space, then resume"
     if not any(r["_type"] in ("train_iter", "checkpoint", "eval") for r in attempt):
         return False, "this attempt failed before its first step: a requeue would fail the same way"
     return preempt.requeue_job(max_requeues)

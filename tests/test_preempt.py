@@ -5,10 +5,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import pick_port
 from pipeline.train import preempt
 
 WORLD = 3
@@ -109,8 +111,8 @@ def test_checkpoints_are_kept_by_global_step_and_unfinished_saves_removed(tmp_pa
 
 
 def test_a_failed_job_step_is_requeued_only_where_it_helps(tmp_path, monkeypatch):
-    """pipeline.requeue after a job step that failed: a finished, a diverged run and an attempt without a
-    step are not requeued; one that trained is (scontrol itself is exercised on the real Slurm), within
+    """pipeline.requeue after a job step that failed: a finished, a diverged run, one whose checkpoint could not
+    be written (a full disk) and an attempt without a step are not requeued; one that trained is (scontrol itself is exercised on the real Slurm), within
     --max-requeues."""
     from pipeline import requeue
     from pipeline.train import metrics
@@ -126,8 +128,14 @@ def test_a_failed_job_step_is_requeued_only_where_it_helps(tmp_path, monkeypatch
     log.write("train_iter", step=2)
     assert requeue.decide(tmp_path, 1) == (False, "not requeued: job 41 was requeued 1 times already "
                                                   "(--max-requeues 1)")
+    (tmp_path / "saved.jsonl").write_bytes((tmp_path / "metrics.jsonl").read_bytes())
     log.write("diverged", step=2)
     assert requeue.decide(tmp_path, 3)[1].startswith("the run diverged")
+    full = tmp_path / "full disk"
+    full.mkdir()
+    (full / "metrics.jsonl").write_bytes((tmp_path / "saved.jsonl").read_bytes())
+    metrics.MetricsLog(full / "metrics.jsonl", enabled=True).write("save_failed", step=2, tag="epoch-001", message="")
+    assert requeue.decide(full, 3)[1].startswith("a checkpoint could not be written")
     (tmp_path / "report.json").write_text("{}")
     assert requeue.decide(tmp_path, 3) == (False, "the run had finished")
 
@@ -140,3 +148,54 @@ def test_the_failed_record_names_the_tasks_srun_reported_in_this_attempt(tmp_pat
                    "srun: error: n1: task 0: Exited with exit code 1\nsrun: error: n2: tasks 2-3: Killed\n")
     assert requeue.dead_tasks(log) == ["task 0: Exited with exit code 1", "tasks 2-3: Killed"]
     assert requeue.dead_tasks(tmp_path / "absent.log") == [] and requeue.dead_tasks(None) == []
+
+
+def full_disk_rank(rank: int, port: int, run_dir, out) -> None:
+    """Two real ranks checkpoint once, then again with rank 0's write inside DeepSpeed's save (between its
+    barriers) failing with ENOSPC."""
+    import errno
+
+    from helpers import start_cpu_rank
+    from pipeline import config, dsconfig
+    from pipeline.train import checkpoint, engine, model
+
+    start_cpu_rank(rank, 2, port)
+    cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=2", "train.micro_batch=4"])
+    plan = config.resolve(cfg)
+    torch.manual_seed(0)
+    ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
+    position, saved = {"epoch": 1, "step_in_epoch": 0}, config.to_dict(cfg)
+    checkpoint.save(ds_engine, run_dir, "epoch-001", position, saved, keep=3)
+    if rank == 0:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ds_engine.checkpoint_engine.save = full
+    started = time.time()
+    try:
+        checkpoint.save(ds_engine, run_dir, "epoch-002", position, saved, keep=3)
+        outcome = "saved"
+    except checkpoint.SaveFailed as err:
+        outcome = str(err)
+    torch.save({"outcome": outcome, "seconds": time.time() - started}, out / f"rank{rank}.pt")
+
+
+def test_a_save_that_fails_on_one_rank_ends_every_rank_at_once_and_keeps_the_checkpoint_before(tmp_path):
+    """ENOSPC in rank 0's write inside DeepSpeed's save: both ranks raise SaveFailed within seconds (none waits
+    for the other in a barrier until the collective timeout, 30 minutes), naming the path, the free space
+    and the size a checkpoint takes; the partial tag is gone, the complete one before it untouched and still
+    `latest`."""
+    from pipeline.train import checkpoint
+
+    run_dir = tmp_path / "run"
+    mp.start_processes(full_disk_rank, args=(pick_port(), run_dir, tmp_path), nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ckpt = run_dir / "checkpoints"
+    for result in results:
+        assert result["seconds"] < 60
+        assert f"checkpoint {ckpt / 'epoch-002'} could not be written" in result["outcome"]
+        assert "GiB free on that filesystem, a checkpoint takes" in result["outcome"]
+        assert "the newest complete checkpoint, epoch-001, is untouched" in result["outcome"]
+    assert "No space left on device" in results[0]["outcome"]
+    assert "a write failed on another rank" in results[1]["outcome"]
+    assert not (ckpt / "epoch-002").exists() and checkpoint.check(ckpt / "epoch-001") is None
+    assert checkpoint.latest_tag(run_dir) == "epoch-001" == (ckpt / "latest").read_text()

@@ -33,7 +33,13 @@ def run(shard_dir, weird_root):
             "train.checkpoint_every_min=0.000006"]
     result = submit(*args)
     assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(run_dir, pristine(run_dir))  # for the tests that damage a copy: others change run_dir
     return run_dir, args, result
+
+
+def pristine(run_dir: Path) -> Path:
+    """The copy of the fixture's run folder made as it finished."""
+    return run_dir.with_name(run_dir.name + " as it finished")
 
 
 def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
@@ -81,6 +87,7 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
     first = metrics.read(run_dir / "metrics.jsonl")
     ckpt = run_dir / "checkpoints"
     (ckpt / "latest").write_text("step-0000028")  # as if the run crashed after its periodic checkpoint at step 28 ...
+    shutil.rmtree(ckpt / "epoch-002")
     shutil.rmtree(ckpt / "step-0000029")
     (ckpt / "step-0000029").mkdir()  # ... while writing the next one: half a file, `latest` not yet moved
     (ckpt / "step-0000029" / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 cut short")
@@ -359,3 +366,55 @@ def test_overrides_may_follow_options_and_dry_run_says_whether_the_shards_are_re
     assert "shards: NOT READY: no manifest" in result.stdout and "python -m pipeline.shards convert" in result.stdout
     ready = run_here(submit_main, capsys, "--dry-run", f"data.shards={shard_dir}", *SMALL)
     assert "shards: ready" in ready.stdout
+
+
+def damaged_copy(run, tmp_path) -> tuple:
+    """A copy of the finished fixture run as if killed after its periodic checkpoint at step 29 (its end, report
+    and epoch-002 gone), and the weights the uninterrupted run ended with."""
+    run_dir, args, _ = run
+    original = pristine(run_dir)
+    want = torch.load(original / "checkpoints" / "epoch-002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    copy = tmp_path / "damaged run"
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("submitit", "events.out.*"))
+    shutil.rmtree(copy / "checkpoints" / "epoch-002")
+    (copy / "report.json").unlink()
+    records = [r for r in metrics.read(copy / "metrics.jsonl") if r.get("step", 0) <= 29 and r["_type"] != "eval"
+               or r["_type"] == "eval" and r["step"] < 30]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return copy, [*args[:args.index("--run-dir")], "--run-dir", str(copy), *args[args.index("--run-dir") + 2:]], want
+
+
+def test_a_cut_short_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(run, tmp_path):
+    """The newest tag's model file cut short (what a crash leaves when the data never reached the disk) and
+    `latest` naming a tag that is gone: the resume checks the tags against their manifests, moves the damaged
+    one aside (kept, not counted), resumes from the older one, says so, and ends with the uninterrupted run's
+    weights."""
+    copy, args, want = damaged_copy(run, tmp_path)
+    ckpt = copy / "checkpoints"
+    model_file = ckpt / "step-0000029" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    (ckpt / "latest").write_text("epoch-009")  # dangling: a hint, not the truth
+    result = submit(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("skipped checkpoint step-0000029 (step 29): mp_rank_00_model_states.pt has 1,000 bytes" in result.stdout
+            and "kept aside as step-0000029.damaged, 1 step to train again; resumed from step-0000028" in result.stdout)
+    assert (ckpt / "step-0000029.damaged" / "mp_rank_00_model_states.pt").stat().st_size == 1000
+    assert {d.name for d in ckpt.iterdir() if d.is_dir()} >= {"step-0000028", "step-0000029.damaged", "epoch-002"}
+    assert "step-0000029.damaged" not in [tag for tag, _ in checkpoint.complete_tags(ckpt)]
+    got = torch.load(ckpt / "epoch-002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for name in weight_names(got):
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_when_no_checkpoint_loads_the_launcher_says_what_is_wrong_with_each_without_a_traceback(run, tmp_path):
+    copy, args, _ = damaged_copy(run, tmp_path)
+    ckpt = copy / "checkpoints"
+    for tag in ("step-0000028", "step-0000029"):
+        (ckpt / tag / "rank00001_state.pt").write_bytes(b"not a checkpoint")
+    result = submit(*args)
+    assert result.returncode == 1
+    err = result.stderr
+    assert "Traceback" not in err and "NoCheckpointLoads: no checkpoint of" in err
+    assert "step-0000029 (step 29): rank00001_state.pt has 16 bytes" in err
+    assert "Restore a good copy of one of them" in err and "nothing was deleted" in err
+    assert {d.name for d in ckpt.iterdir() if d.is_dir()} >= {"step-0000028.damaged", "step-0000029.damaged"}

@@ -111,10 +111,19 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
         if interrupted:  # the stop record's line said where it stopped
             print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
             return 130
-        print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
+        print(f"error: the job failed: {failure(err)}\nthe ranks' logs, tracebacks included, are in "
+              f"{run_dir / 'submitit'}", file=sys.stderr)
         return 1
     print(report.read(run_dir))
     return 0
+
+
+def failure(err: Exception) -> str:
+    """The exception a failed job ended with ("NoCheckpointLoads: no checkpoint of ... loads: ..."), from the
+    trace submitit wraps between two dashed lines; else the error's last line."""
+    parts = str(err).split("----------------------\n")
+    lines = (parts[1] if len(parts) >= 3 else str(err)).strip().splitlines()
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def submit_sweep(args: argparse.Namespace, runs: list[Run], run_dir: Path, options: dict) -> int:

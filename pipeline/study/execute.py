@@ -163,8 +163,7 @@ def train_locally(args: argparse.Namespace, runs: list[Run], options: dict, core
                         outcome = "diverged (a loss that was not finite): the table counts it as such"
                     else:
                         failed.append(run.run_dir.name)
-                        last = str(err).strip().splitlines()[-1]
-                        outcome = f"FAILED ({last}); rank logs in {run.run_dir / 'submitit'}"
+                        outcome = f"FAILED ({submission.failure(err)}); rank logs in {run.run_dir / 'submitit'}"
                 print(f"[{done}/{total}] {run.run_dir.name}: {outcome}; study {metrics.duration(time.time() - started)}"
                       f", about {metrics.duration(eta)} to go", flush=True)
     except KeyboardInterrupt:

@@ -1,13 +1,19 @@
-"""DeepSpeed checkpoints in the run folder, and resuming from the newest complete one.
+"""DeepSpeed checkpoints in the run folder, and resuming from the newest one that loads.
 
 A tag holds DeepSpeed's states (with the config and the loader position as client state) and one file per
-rank with its RNG states and buffers (BN statistics differ per rank; DeepSpeed saves rank 0's only).
-`latest` is written by us, atomically, after every rank's files: a job killed mid-save resumes from the
-checkpoint before (docs/preemption.md).
+rank with its RNG states and buffers (BN statistics differ per rank; DeepSpeed saves rank 0's only). Once
+every rank's files are written, they are synced to disk, MANIFEST.json records each file's size and sha256,
+and then COMPLETE and `latest` are written, each atomically: a job killed mid-save resumes from the checkpoint
+before. Resuming checks the newest complete tag against its manifest and loads it; a tag that does not match
+or does not load is moved aside (<tag>.damaged, never deleted, never counted among the kept checkpoints) and
+the next older one is tried. `latest` is only a hint for other tools: the tags' COMPLETE files are the truth
+(docs/preemption.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -55,51 +61,208 @@ def _write_durably(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): every rank stops, the newest complete
+    checkpoint is untouched, and the job is not requeued into the same disk."""
+
+
+class NoCheckpointLoads(RuntimeError):
+    """Every complete checkpoint of a run is damaged: its message says what is wrong with each and what to do."""
+
+
+class _Writes:
+    """DeepSpeed's checkpoint engine with its writes' OSErrors kept instead of raised, so that a rank whose
+    write fails still walks through the collectives of DeepSpeed's save (its barriers) beside the others,
+    and all agree afterwards that the save failed: raised mid-save, the others would wait for it in a barrier
+    for cluster.collective_timeout_s. The first error is kept; the writes after it are skipped."""
+
+    def __init__(self, engine):
+        self.engine, self.inner, self.error = engine, engine.checkpoint_engine, None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _guarded(self, method, *args, **kwargs):
+        if self.error is not None:
+            return None
+        try:
+            return method(*args, **kwargs)
+        except OSError as err:
+            self.error = err
+            return None
+
+    def save(self, *args, **kwargs):
+        return self._guarded(self.inner.save, *args, **kwargs)
+
+    def makedirs(self, *args, **kwargs):
+        return self._guarded(self.inner.makedirs, *args, **kwargs)
+
+    def __enter__(self):
+        self.engine.checkpoint_engine = self
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.checkpoint_engine = self.inner
+
+
+def _any_rank(failed: bool, device: torch.device) -> bool:
+    """Whether `failed` holds on any rank (a collective: every rank calls it)."""
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)  # all_reduce: each rank's failure -> how many failed
+    return bool(flag.item())
+
+
+def _tag_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _save_failed(ckpt: Path, tag: str, error: BaseException | None) -> SaveFailed:
+    """The message of a save that failed: the path, the free space and the size a checkpoint takes."""
+    complete = complete_tags(ckpt)
+    need = _tag_bytes(ckpt / complete[0][0]) if complete else None
+    free = shutil.disk_usage(ckpt).free if ckpt.exists() else 0
+    return SaveFailed(
+        f"checkpoint {ckpt / tag} could not be written ({error or 'a write failed on another rank'}); "
+        f"{free / 2**30:.2f} GiB free on that filesystem"
+        + (f", a checkpoint takes {need / 2**30:.2f} GiB" if need is not None else "")
+        + (f"; the newest complete checkpoint, {complete[0][0]}, is untouched" if complete else "")
+        + ". Free space there (or set train.keep_checkpoints lower), then resume the run: the job is not requeued "
+          "into the same disk")
+
+
 def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: int) -> str:
     """Checkpoint under `tag` (collective: every rank calls it). `position` is where training goes on:
-    {"epoch", "step_in_epoch"}, the next batch the loader hands out. Once every rank's files are written,
-    the tag gets its COMPLETE file (its global step) and becomes `latest`; then prune() keeps the newest
-    `keep` complete tags (0: all)."""
+    {"epoch", "step_in_epoch"}, the next batch the loader hands out. Once every rank's files are written, they
+    are synced and listed with their sizes and checksums in MANIFEST.json, the tag gets its COMPLETE file (its
+    global step) and becomes `latest`; then prune() keeps the newest `keep` complete tags (0: all). A write
+    that fails on any rank (ENOSPC) raises SaveFailed on every rank, the partial tag removed."""
     ckpt = directory(run_dir)
     client = {"position": position, "config": config}
-    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
-    buffers = {name: buffer.cpu() for name, buffer in engine.module.named_buffers()}
-    torch.save({"rng": _rng_state(), "buffers": buffers}, _rank_file(ckpt / tag, dist.get_rank()))
-    dist.barrier()  # every rank's files are written: only now is the tag complete
+    with _Writes(engine) as writes:
+        engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, save_latest=False)
+    error = writes.error
+    if error is None:
+        try:
+            buffers = {name: buffer.cpu() for name, buffer in engine.module.named_buffers()}
+            path = _rank_file(ckpt / tag, dist.get_rank())
+            torch.save({"rng": _rng_state(), "buffers": buffers}, path)
+            _fsync(path)
+        except OSError as err:
+            error = err
+    # Every rank's files are written (or one failed): only now may the tag become complete
+    if not _any_rank(error is not None, engine.device):
+        try:
+            if is_primary():
+                _write_durably(ckpt / tag / MANIFEST, json.dumps(_manifest(ckpt / tag), indent=1))
+                _write_durably(ckpt / tag / COMPLETE, f"{engine.global_steps}\n")
+                _write_durably(ckpt / "latest", tag)
+        except OSError as err:
+            error = err
+        if not _any_rank(error is not None, engine.device):
+            if is_primary():
+                prune(ckpt, keep)
+            return tag
     if is_primary():
-        _write_durably(ckpt / tag / COMPLETE, f"{engine.global_steps}\n")
-        _write_durably(ckpt / "latest", tag)
-        prune(ckpt, keep)
-    return tag
+        shutil.rmtree(ckpt / tag, ignore_errors=True)  # the partial tag; the complete ones stay as they are
+    raise _save_failed(ckpt, tag, error)
 
 
 COMPLETE = "COMPLETE"  # in a tag folder once every rank's files are in it; holds the tag's global step
+MANIFEST = "MANIFEST.json"  # written just before COMPLETE: every file of the tag with its size and sha256
+DAMAGED = ".damaged"  # the suffix of a tag moved aside on resume
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file of a tag, each synced to disk first."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE)):
+        _fsync(path)
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return files
+
+
+def check(folder: Path) -> str | None:
+    """What is wrong with a complete tag against its manifest (a file missing, cut short or changed), or
+    None where it matches or has no manifest (written before manifests: its load is the test)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"its {MANIFEST} does not read ({err})"
+    for name, want in files.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, {want['bytes']:,} when written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def complete_tags(ckpt: Path) -> list[tuple[str, int]]:
+    """(tag, global step) of every complete tag, newest first; tags moved aside as damaged are not counted."""
+    tags = []
+    if ckpt.is_dir():
+        for folder in ckpt.iterdir():
+            if folder.is_dir() and not folder.name.endswith(DAMAGED) and (folder / COMPLETE).is_file():
+                try:
+                    tags.append((folder.name, int((folder / COMPLETE).read_text())))
+                except ValueError:
+                    continue
+    return sorted(tags, key=lambda item: item[1], reverse=True)
 
 
 def prune(ckpt: Path, keep: int) -> None:
     """Keep the newest `keep` complete tags by global step (0: all), and remove the folders of saves that
-    never completed (a job killed mid-save) but the one `latest` names; folder times play no part."""
-    latest = (ckpt / "latest").read_text().strip()
-    complete, broken = {}, []
-    for folder in (d for d in ckpt.iterdir() if d.is_dir()):
-        if (folder / COMPLETE).is_file():
-            complete[folder] = int((folder / COMPLETE).read_text())
-        elif folder.name != latest:
-            broken.append(folder)
-    stale = sorted(complete, key=complete.get)[:-keep] if keep else []
-    for folder in broken + [d for d in stale if d.name != latest]:
+    never completed (a job killed mid-save); folder times play no part, and tags moved aside as damaged are
+    kept and not counted."""
+    complete = {name for name, _ in complete_tags(ckpt)}
+    broken = [d for d in ckpt.iterdir() if d.is_dir() and d.name not in complete and not d.name.endswith(DAMAGED)]
+    stale = [name for name, _ in complete_tags(ckpt)][keep:] if keep else []
+    for folder in broken + [ckpt / name for name in stale]:
         shutil.rmtree(folder)
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    """The newest complete checkpoint's tag, or None before the first."""
-    latest = directory(run_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """The newest complete checkpoint's tag, or None before the first (`latest` is only a hint)."""
+    tags = complete_tags(directory(run_dir))
+    return tags[0][0] if tags else None
 
 
-def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
-    """Load the newest complete checkpoint into the engine: (its tag, its position, the number of ranks that
-    wrote it), or None without one.
+def _set_aside(ckpt: Path, tag: str) -> str:
+    """Rename a damaged tag to <tag>.damaged (a number added where that exists); returns the new name."""
+    name, n = tag + DAMAGED, 1
+    while (ckpt / name).exists():
+        n += 1
+        name = f"{tag}{DAMAGED}{n}"
+    (ckpt / tag).rename(ckpt / name)
+    return name
+
+
+def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int, list[dict]] | None:
+    """Load the newest complete checkpoint that loads into the engine: (its tag, its position, the number of
+    ranks that wrote it, the newer tags skipped as damaged), or None without any complete checkpoint.
+
+    Newest first, each tag is checked against its manifest (rank 0 reads it) and loaded on every rank; where
+    the check or any rank's load fails, the ranks agree, rank 0 moves the tag aside (<tag>.damaged) and the next
+    older one is tried. With none left: NoCheckpointLoads, saying what is wrong with each.
 
     Model, optimizer (momentum buffers), lr scheduler and global step come back through DeepSpeed, this
     rank's RNG states and buffers (BN statistics) from its own file. A checkpoint written with another
@@ -110,21 +273,49 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
     training draws depends on those (each micro-batch seeds its own crops and flips).
     """
     ckpt = directory(run_dir)
-    tag = latest_tag(run_dir)
-    if tag is None:
+    tags = complete_tags(ckpt)
+    if not tags:
         return None
-    path, client = engine.load_checkpoint(str(ckpt), tag=tag)
-    if path is None:
-        raise RuntimeError(f"{ckpt / 'latest'} names {tag!r}, which DeepSpeed could not load; "
-                           f"remove {ckpt / tag} and point 'latest' at an older tag, or start a new run folder")
-    rank_files = sorted((ckpt / tag).glob("rank*_state.pt"))
-    if "position" not in client or not rank_files:
-        raise ValueError(f"{ckpt / tag} lacks the loader position or the ranks' state files: it was written by an "
-                         "older version of this pipeline, which cannot resume it exactly; start a new run folder")
+    skipped = []
+    for tag, step in tags:
+        problem = check(ckpt / tag) if is_primary() else None
+        loaded = None
+        if not _any_rank(problem is not None, engine.device):
+            try:
+                loaded = _load(engine, ckpt, tag)
+            except (OSError, RuntimeError, EOFError, ValueError, KeyError, AssertionError,
+                    __import__("pickle").UnpicklingError) as err:
+                problem = f"it does not load on rank {dist.get_rank()} ({type(err).__name__}: " \
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})"
+            if not _any_rank(problem is not None, engine.device):
+                break
+        problem = problem or "it does not load on another rank"
+        skipped.append({"tag": tag, "step": step, "why": problem,
+                        "kept_as": _set_aside(ckpt, tag) if is_primary() else None})
+    else:
+        raise NoCheckpointLoads(
+            f"no checkpoint of {run_dir} loads: "
+            + "; ".join(f"{s['tag']} (step {s['step']}): {s['why']}" for s in skipped)
+            + f". Each is kept aside in {ckpt} as <tag>{DAMAGED}. Restore a good copy of one of them (rename it back) "
+              "to resume from it, or start the run again in a new run folder (--run-dir); nothing was deleted")
+    client, rank_files = loaded
     changed = differences(client["config"], config, ignore=RESUME_KEYS)
     if changed:
         raise ValueError(f"{ckpt / tag} was written with another config than {Path(run_dir) / 'config.json'} "
                          f"({'; '.join(changed)}); start a new run folder instead of resuming this one")
+    return tag, client["position"], rank_files, skipped
+
+
+def _load(engine, ckpt: Path, tag: str) -> tuple[dict, int]:
+    """Load one tag into the engine and this rank's own state; (DeepSpeed's client state, ranks that wrote it).
+    Raises where a file does not load."""
+    path, client = engine.load_checkpoint(str(ckpt), tag=tag)
+    if path is None:
+        raise RuntimeError("DeepSpeed found no model file in it")
+    rank_files = sorted((ckpt / tag).glob("rank*_state.pt"))
+    if "position" not in client or not rank_files:
+        raise ValueError(f"{ckpt / tag} lacks the loader position or the ranks' state files: it was written by an "
+                         "older version of this pipeline, which cannot resume it exactly; start a new run folder")
     rank, world = dist.get_rank(), dist.get_world_size()
     if len(rank_files) == world:
         own = torch.load(_rank_file(ckpt / tag, rank), weights_only=False)
@@ -138,4 +329,4 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int] | None:
     with torch.no_grad():
         for name, buffer in engine.module.named_buffers():
             buffer.copy_(buffers[name])
-    return tag, client["position"], len(rank_files)
+    return client, len(rank_files)

@@ -276,14 +276,18 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         """Checkpoint with the loader position the global step implies: a stop never falls on an epoch's
         last step, so a mid-epoch step resumes in its epoch and an epoch's end at the next one's start."""
         epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
-        return checkpoint.save(engine, run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch}, config_dict,
-                               cfg.train.keep_checkpoints)
+        try:
+            return checkpoint.save(engine, run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch},
+                                   config_dict, cfg.train.keep_checkpoints)
+        except checkpoint.SaveFailed as err:  # the record keeps pipeline.requeue from requeueing into the same disk
+            log.write("save_failed", step=engine.global_steps, tag=tag, message=str(err))
+            raise
 
     stop.save_every_s = cfg.train.checkpoint_every_min * 60
     resumed = checkpoint.resume(engine, run_dir, config_dict)
-    epoch, step_in_epoch = 0, 0
+    epoch, step_in_epoch, skipped = 0, 0, []
     if resumed:
-        tag, position, ranks_before = resumed
+        tag, position, ranks_before, skipped = resumed
         epoch, step_in_epoch = position["epoch"], position["step_in_epoch"]
     log.add_tensorboard(purge_step=engine.global_steps)
     log.write("start", world_size=plan.world_size, global_batch=plan.global_batch, plan=plan.summary(cfg),
@@ -298,6 +302,7 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
             engine.bucketed_allreduce.meter.restore(next((r for r in reversed(iters)
                                                           if r["step"] <= engine.global_steps), None))
         record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
+                           skipped=skipped,
                            ranks_before=ranks_before,
                            superseded_steps=[engine.global_steps + 1, max(redone)] if redone else None)
         if is_primary():

@@ -94,10 +94,15 @@ def progress_line(record: dict) -> str | None:
     if kind == "failed":
         return (f"job {record['job_id']} failed (srun exit status {record['exit_code']}"
                 + "".join(f"; {task}" for task in record["tasks"]) + f"): {record['reason']}")
+    if kind == "save_failed":
+        return f"stopped: {record['message']}"
     if kind == "resume":
         before = record.get("ranks_before", record.get("ranks"))
         redone = record.get("superseded_steps")
-        return (f"resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
+        skipped = "".join(f"skipped checkpoint {s['tag']} (step {s['step']}): {s['why']}; kept aside as {s['kept_as']}, "
+                          f"{s['step'] - record['step']} step{'s' if s['step'] - record['step'] != 1 else ''} to "
+                          "train again; " for s in record.get("skipped") or [])
+        return (f"{skipped}resumed from {record['checkpoint']} at epoch {record['epoch']}, step {record['step']}"
                 + (f", on {record['ranks']} ranks (it ran on {before})" if before != record.get("ranks") else "")
                 + (f"; steps {redone[0]}-{redone[1]} run again, their new records supersede the earlier ones"
                    if redone else ""))
