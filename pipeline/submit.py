@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.launch import options, status, submission
-from pipeline.launch.prepare import choose_cluster
+from pipeline.launch.prepare import check_local_capacity, choose_cluster
 from pipeline.scaling.model import PAPER, PRESETS
 from pipeline.train import report
 
@@ -77,7 +77,7 @@ def launch(args: argparse.Namespace) -> int:
         print(status.describe(args.status))
         return 0
     if args.list_keys:
-        flat = config.to_dict(config.preset(args.preset))
+        flat = config.to_dict(config.preset(options.preset_name(args)))
         for key in config.valid_keys():
             section, name = key.split(".")
             print(f"{key}={flat[section][name]}")
@@ -90,7 +90,9 @@ def launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         return submission.dry_run(args, run_dir, runs, sweep)
     if not args.emit_sbatch:
-        args.cluster = choose_cluster(args.cluster)  # before the demo's data is made
+        requested, args.cluster = args.cluster, choose_cluster(args.cluster)  # before the demo's data is made
+        for run in runs:
+            check_local_capacity(requested, args.cluster, run.cfg)
     submission.print_plans(runs, sweep)
     submission.check_data(args, run_dir, runs)
     if args.emit_sbatch:

@@ -165,9 +165,10 @@ def test_missing_shards_fail_before_anything_is_submitted(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_auto_runs_here_when_srun_is_there_but_no_slurm_controller_answers(tmp_path, monkeypatch, capsys):
+def test_auto_refuses_when_srun_is_there_but_no_slurm_controller_answers(tmp_path, monkeypatch, capsys):
     """A login node with Slurm's clients but a controller that is down (here: a slurm.conf naming a port
-    nobody listens on, or no scontrol at all): this machine, said once, instead of sbatch's traceback."""
+    nobody listens on, or no scontrol at all): one error with Slurm's words and both ways out, before anything
+    is written, instead of starting a cluster's ranks on the login node (or sbatch's traceback)."""
     from pipeline.launch.prepare import choose_cluster
 
     (tmp_path / "bin").mkdir()
@@ -176,9 +177,27 @@ def test_auto_runs_here_when_srun_is_there_but_no_slurm_controller_answers(tmp_p
     (tmp_path / "slurm.conf").write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
-    assert choose_cluster("auto") == "local"
-    assert "srun is on PATH but no Slurm controller answers (scontrol ping: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"srun is on PATH but no Slurm controller answers \(scontrol ping: .+\); "
+                                         "nothing was written or submitted. Pass --cluster slurm once Slurm answers "
+                                         "again .+, or --cluster local to run on this machine anyway"):
+        choose_cluster("auto")
     assert choose_cluster("slurm") == "slurm"  # asked for by name: not second-guessed
+    assert choose_cluster("local") == "local"
+    run_dir = tmp_path / "run"
+    refused = run_here(submit_main, capsys, "--preset", "goyal_r50_bs8k", "--nodes", "32", "--gpus-per-node", "8",
+                       "--run-dir", str(run_dir))
+    assert refused.returncode == 2 and "--cluster local to run on this machine anyway" in refused.stderr
+    assert not run_dir.exists()
+
+
+def test_auto_refuses_a_local_run_of_more_ranks_than_this_machine_has_cores(tmp_path, monkeypatch, capsys):
+    """Where Slurm is not installed, --cluster auto runs here: not with more ranks than cores (or GPUs)."""
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no srun (the Slurm tests may have installed it)
+    run_dir = tmp_path / "run"
+    refused = run_here(submit_main, capsys, "--gpus-per-node", str((os.cpu_count() or 1) + 1), "--run-dir", str(run_dir))
+    assert refused.returncode == 2
+    assert f"this run has {(os.cpu_count() or 1) + 1} ranks but this machine has {os.cpu_count()} CPU cores" in refused.stderr
+    assert "Pass --cluster local to do that anyway" in refused.stderr and not run_dir.exists()
 
 
 def test_debug_cluster_refuses_several_ranks(shard_dir, tmp_path):
@@ -388,13 +407,13 @@ def test_a_cut_short_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the
     """The newest tag's model file cut short (what a crash leaves when the data never reached the disk) and
     `latest` naming a tag that is gone: the resume checks the tags against their manifests, moves the damaged
     one aside (kept, not counted), resumes from the older one, says so, and ends with the uninterrupted run's
-    weights."""
+    weights. The command is --run-dir alone: the run resumes with the config and shape saved in its folder."""
     copy, args, want = damaged_copy(run, tmp_path)
     ckpt = copy / "checkpoints"
     model_file = ckpt / "step-0000029" / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     (ckpt / "latest").write_text("epoch-009")  # dangling: a hint, not the truth
-    result = submit(*args)
+    result = submit("--cluster", "local", "--run-dir", str(copy))  # alone: the config and shape saved in the folder
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("skipped checkpoint step-0000029 (step 29): mp_rank_00_model_states.pt has 1,000 bytes" in result.stdout
             and "kept aside as step-0000029.damaged, 1 step to train again; resumed from step-0000028" in result.stdout)
@@ -418,3 +437,27 @@ def test_when_no_checkpoint_loads_the_launcher_says_what_is_wrong_with_each_with
     assert "step-0000029 (step 29): rank00001_state.pt has 16 bytes" in err
     assert "Restore a good copy of one of them" in err and "nothing was deleted" in err
     assert {d.name for d in ckpt.iterdir() if d.is_dir()} >= {"step-0000028.damaged", "step-0000029.damaged"}
+
+
+def test_run_dir_alone_takes_the_saved_config_and_what_else_is_given_are_changes(run, capsys):
+    """No --preset, no overrides: the run folder's own config and shape (the fixture ran the demo preset with
+    SMALL's overrides, which the demo preset alone would refuse); a new shape with the same global batch is
+    allowed, an optimisation change refused naming the key."""
+    run_dir, _, _ = run
+    saved = json.loads((run_dir / "config.json").read_text())
+    alone = run_here(submit_main, capsys, "--run-dir", str(run_dir), "--cluster", "local", "--dry-run", "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["config"] == saved["config"]
+    reshaped = run_here(submit_main, capsys, "--run-dir", str(run_dir), "--gpus-per-node", "1", "--dry-run", "--json")
+    assert reshaped.returncode == 0 and json.loads(reshaped.stdout)["config"]["train"]["grad_accum"] == 2
+    changed = run_here(submit_main, capsys, "--run-dir", str(run_dir), "--dry-run", "optim.base_lr=0.5")
+    assert changed.returncode == 2 and "optim.base_lr: 0.0125 -> 0.5" in changed.stderr
+
+
+def test_status_of_a_stopped_run_gives_the_command_that_resumes_it(run, tmp_path, capsys):
+    copy, _, _ = damaged_copy(run, tmp_path)
+    shown = run_here(submit_main, capsys, "--status", str(copy))
+    assert shown.returncode == 0 and "not running (unknown to Slurm)" in shown.stdout
+    assert f"resume it with: python -m pipeline.submit --run-dir '{copy}'" in shown.stdout
+    finished = run_here(submit_main, capsys, "--status", str(pristine(run[0])))
+    assert "resume it with" not in finished.stdout

@@ -22,13 +22,16 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
     only with `sweeps` too (a study makes its own runs)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=preset, help=f"config preset: {', '.join(config.PRESETS)} (default {preset})")
+    parser.add_argument("--preset", help=f"config preset: {', '.join(config.PRESETS)} (default {preset}; for an existing "
+                                         "run folder, the config saved in it)")
+    parser.set_defaults(default_preset=preset)
     parser.add_argument("--nodes", type=int, help="nodes (default: the preset's)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs = ranks per node; on CPU, processes (default: the preset's)")
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores per rank, also its torch threads (default: the preset's)")
     parser.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
-                        help="auto: Slurm when srun is on PATH and a controller answers scontrol ping, else this "
-                             "machine; debug: in this process, 1 rank")
+                        help="auto: Slurm when srun is on PATH (an error where its controller does not answer "
+                             "scontrol ping), else this machine (an error where the ranks outnumber its GPUs or "
+                             "cores); local: this machine, whatever it has; debug: in this process, 1 rank")
     slurm = parser.add_argument_group("Slurm (ignored by --cluster local and debug)")
     slurm.add_argument("--partition", help="partition to run in")
     slurm.add_argument("--account", help="account to charge")
@@ -59,6 +62,11 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
                             "filesystem (for nodes that all mount the same local disk, e.g. one host)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.epochs=2")
     return parser
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    """The preset the command names, else the command's default."""
+    return args.preset or args.default_preset
 
 
 def sbatch_options(args: argparse.Namespace) -> dict[str, str | bool]:

@@ -44,10 +44,11 @@ class Run:
     ds_config: dict  # the DeepSpeed JSON, reconciled with cfg (pipeline.dsconfig)
 
 
-def job_config(args: argparse.Namespace, overrides: list[str]) -> config.Config:
-    """The config of the flags: the preset, then the cluster flags, then key=value overrides; the shard
-    folder made absolute (the ranks may start elsewhere)."""
-    cfg = config.preset(args.preset)
+def job_config(args: argparse.Namespace, overrides: list[str], saved: config.Config | None = None) -> config.Config:
+    """The config of the flags: the preset (or, for a run folder that trained and no --preset given, the
+    config saved in it), then the cluster flags, then key=value overrides; the shard folder made absolute
+    (the ranks may start elsewhere)."""
+    cfg = saved if saved is not None and args.preset is None else config.preset(args.preset or args.default_preset)
     cluster = {k: v for k, v in (("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node),
                                  ("cpus_per_task", args.cpus_per_task)) if v is not None}
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **cluster))
@@ -58,10 +59,11 @@ def job_config(args: argparse.Namespace, overrides: list[str]) -> config.Config:
 def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> Run:
     """The run of the flags' config (job_config) in run_dir, with its plan and reconciled DeepSpeed JSON;
     raises on anything that cannot run."""
-    cfg = job_config(args, overrides)
     saved = None
     if (run_dir / "config.json").is_file() and not never_trained(run_dir):  # a run to resume, not to replace
         saved = config.load_run_config(run_dir)[0]
+    cfg = job_config(args, overrides, saved)
+    if saved is not None:
         cfg = config.keep_global_batch(saved, cfg, any(o.startswith("train.grad_accum=") for o in overrides))
     plan = config.resolve(cfg)
     model.check_arch(cfg.model)
@@ -204,9 +206,11 @@ def prepare_run_dir(run: Run) -> None:
 
 
 def choose_cluster(requested: str) -> str:
-    """--cluster auto: Slurm when srun is on PATH and a controller answers `scontrol ping`, else this machine
-    (said on stderr when srun is there but Slurm does not answer). submitit's own auto choice looks at srun
-    only, and a Slurm that is down then fails with sbatch's traceback after the data was prepared."""
+    """--cluster auto: Slurm when srun is on PATH and a controller answers `scontrol ping`, this machine where
+    Slurm is not installed. Where srun is there but no controller answers (maintenance, a network blip on a
+    login node), an error with Slurm's own words: falling back to this machine would start a cluster's ranks
+    on a login node. submitit's own auto choice looks at srun only, and a Slurm that is down then fails with
+    sbatch's traceback after the data was prepared."""
     if requested != "auto":
         return requested
     if shutil.which("srun") is None:
@@ -218,9 +222,26 @@ def choose_cluster(requested: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as err:
         answer, up = str(err), False
     if not up:
-        print(f"srun is on PATH but no Slurm controller answers (scontrol ping: {answer or 'no answer'}): running "
-              "on this machine; pass --cluster slurm to insist on Slurm", file=sys.stderr)
-    return "slurm" if up else "local"
+        raise ValueError(f"srun is on PATH but no Slurm controller answers (scontrol ping: {answer or 'no answer'}); "
+                         "nothing was written or submitted. Pass --cluster slurm once Slurm answers again (sbatch "
+                         "needs its controller), or --cluster local to run on this machine anyway")
+    return "slurm"
+
+
+def check_local_capacity(requested: str, cluster: str, cfg: config.Config) -> None:
+    """A local run that --cluster auto chose: refused where its ranks outnumber this machine's GPUs (or its
+    cores, without GPUs), before anything is written; --cluster local runs it anyway."""
+    if requested != "auto" or cluster != "local":
+        return
+    import torch
+
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    gpus = torch.cuda.device_count() if config.wants_gpus(cfg.cluster) else 0
+    have, what = (gpus, "GPUs") if gpus else (os.cpu_count() or 1, "CPU cores and no GPU")
+    if ranks > have:
+        raise ValueError(f"this run has {ranks} ranks but this machine has {have} {what}: Slurm is not installed "
+                         "here, so it would start them all on this machine. Pass --cluster local to do that anyway, "
+                         "or run the command where Slurm is (srun on PATH)")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Slurm's MinJobAge), else from the run folder itself. A sweep folder shows every 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from pipeline.train import metrics
 
 SUBMITTED = "submitted.json"
+# Slurm states of a job that has ended without finishing its run
+STOPPED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+           "COMPLETED"}
 SWEEP = "sweep.json"
 
 
@@ -78,7 +82,7 @@ def describe_run(run_dir: Path) -> str:
         if (run_dir / "report.json").is_file():
             state = "finished (report.json written)"
         elif records:
-            state = "not running (unknown to Slurm); rerun the same command to resume"
+            state = "not running (unknown to Slurm)"
         else:
             state = "not started"
     lines = [f"{run_dir}: job {job or '-'} {state}"]
@@ -88,8 +92,11 @@ def describe_run(run_dir: Path) -> str:
             age = metrics.duration(time.time() - last["time"])
             lines.append(f"  {metrics.progress_line(last)} ({age} ago)")
     eta = eta_seconds(records)
-    if eta is not None and not (run_dir / "report.json").is_file():
+    finished = (run_dir / "report.json").is_file()
+    if eta is not None and not finished and state not in STOPPED:
         lines.append(f"  eta {metrics.duration(eta)} at the pace of the last steps")
+    if records and not finished and (state.startswith("not running") or state in STOPPED):
+        lines.append(f"  resume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from pipeline import config
 from pipeline.dsconfig import bucket_elements
 from pipeline.launch import sbatch, status
 from pipeline.launch.jobs import TrainJob
-from pipeline.launch.options import sweep_overrides
+from pipeline.launch.options import preset_name, sweep_overrides
 from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
                                      makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
 from pipeline.scaling import model as scaling
@@ -27,7 +27,7 @@ from pipeline.train import metrics, model, report
 def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
     """(the run folder, its runs, whether it is a sweep): one run, or one per combination of --sweep values
     in folders inside the run folder."""
-    run_dir = (args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir = (args.run_dir or Path("runs") / f"{preset_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     sweep = sweep_overrides(args.sweep, args.overrides)
     if sweep and args.emit_sbatch:
         raise ValueError("--sweep submits a job array through submitit; --emit-sbatch renders one run")

@@ -37,7 +37,7 @@ def launch(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {value} must be at least 1")
     options.check_slurm_args(args)
     sbatch_options = options.sbatch_options(args)
-    run_dir = (args.run_dir or Path("runs") / f"tune-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir = (args.run_dir or Path("runs") / f"tune-{options.preset_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run = resolve_run(args, args.overrides, run_dir)
     cfg = run.cfg
     write = args.write.resolve() if args.write else None
