@@ -4,6 +4,8 @@ does with them)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
 
 # SIGUSR2 some time before the time limit (`--signal=USR2@90`, submitit's signal); SIGTERM at the limit,
@@ -25,3 +27,21 @@ def signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, whatever killed the parent (prctl PR_SET_PDEATHSIG; Linux).
+
+    Helper processes (the DataLoader's forkserver, its workers) block the stop signals and are not in Slurm's
+    view on a local run: a rank killed with SIGKILL left them behind as orphans that ignore SIGTERM. Where
+    the C library has no prctl (not Linux), nothing changes."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)

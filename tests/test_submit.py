@@ -461,3 +461,52 @@ def test_status_of_a_stopped_run_gives_the_command_that_resumes_it(run, tmp_path
     assert f"resume it with: python -m pipeline.submit --run-dir '{copy}'" in shown.stdout
     finished = run_here(submit_main, capsys, "--status", str(pristine(run[0])))
     assert "resume it with" not in finished.stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below pid, from /proc (children of children ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launcher_says_how_to_resume(
+        shard_dir, tmp_path):
+    """Rank 1 of a 2-rank local run SIGKILLed mid-run: its forkserver and loader worker die with it (they block
+    the stop signals, and were left behind as orphans), every process of the job ends, and the launcher's last
+    word names the rank that died, what rank 0 saw, and the command that resumes the run."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.submit", "--cluster", "local", "--run-dir", str(run_dir),
+                                 f"data.shards={shard_dir}", *SMALL, "schedule.epochs=30", "train.checkpoint_every_min=0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not any(r["_type"] == "train_iter" and r["step"] >= 20 for r in metrics.read(run_dir / "metrics.jsonl")):
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            time.sleep(0.2)
+        job = descendants(launcher.pid)
+        ranks = [p for p in job if "SUBMITIT_LOCAL_GLOBALID=1" in Path(f"/proc/{p}/environ").read_bytes().decode(errors="replace")
+                 and "submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(ranks) == 1 and len(job) >= 8  # controller, 2 ranks, their trackers, forkservers, workers
+        os.kill(ranks[0], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    time.sleep(2)
+    alive = [p for p in job if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]  # zombies are gone
+    assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in alive]
+    assert launcher.returncode == 1 and "Traceback" not in err
+    assert "error: the job failed: rank 1 ended without a word (killed by a signal" in err
+    assert "then RuntimeError: rank 0: a collective failed" in err
+    assert f"resume it with: python -m pipeline.submit --run-dir {run_dir}" in err

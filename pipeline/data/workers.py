@@ -1,5 +1,5 @@
 """DataLoader worker processes for a rank's streams: forkserver-started, deaf to Slurm's stop signals,
-killed at exit, and timed out instead of hanging."""
+killed at exit and when their rank dies (whatever killed it), and timed out instead of hanging."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import multiprocessing.resource_tracker
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.signals import signals_blocked
+from pipeline.signals import die_with_parent, signals_blocked
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -25,7 +25,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     SIGTERM would fail its rank before the rank checkpoints (pipeline.train.preempt).
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.data.streams"])
+    context.set_forkserver_preload(["pipeline.data.helper_process", "pipeline.data.streams"])
     # The resource tracker first, on its own: starting it unblocks SIGTERM again in this thread.
     with signals_blocked():
         multiprocessing.resource_tracker.ensure_running()
@@ -47,6 +47,10 @@ def _kill_leftover_workers() -> None:
         process.kill()
 
 
+def _worker_dies_with_the_forkserver(worker_id: int) -> None:
+    die_with_parent()  # its parent is the forkserver, which dies with the rank
+
+
 def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory: bool,
            persistent: bool = True) -> torch.utils.data.DataLoader:
     """A DataLoader with cfg.workers processes over a stream that already yields batches.
@@ -62,4 +66,5 @@ def loader(stream: torch.utils.data.IterableDataset, cfg: DataConfig, pin_memory
                                        persistent_workers=persistent and workers > 0,
                                        timeout=cfg.timeout_s if workers else 0,
                                        in_order=True,  # strict turns: step s comes from worker part s % W
+                                       worker_init_fn=_worker_dies_with_the_forkserver if workers else None,
                                        multiprocessing_context=_worker_context() if workers else None)

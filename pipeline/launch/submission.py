@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import JobPaths
 
 from pipeline import config
 from pipeline.dsconfig import bucket_elements
@@ -21,7 +22,7 @@ from pipeline.launch.options import preset_name, sweep_overrides
 from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
                                      makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
 from pipeline.scaling import model as scaling
-from pipeline.train import metrics, model, report
+from pipeline.train import checkpoint, metrics, model, report
 
 
 def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
@@ -111,11 +112,24 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
         if interrupted:  # the stop record's line said where it stopped
             print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
             return 130
-        print(f"error: the job failed: {failure(err)}\nthe ranks' logs, tracebacks included, are in "
-              f"{run_dir / 'submitit'}", file=sys.stderr)
+        silent = ranks_without_result(job, run.cfg) if executor.cluster == "local" else []
+        print("error: the job failed: "
+              + "".join(f"rank {r} ended without a word (killed by a signal: SIGKILL, the kernel's out-of-memory "
+                        "killer, or a crash in native code); " for r in silent)
+              + ("then " if silent else "") + failure(err)
+              + f"\nthe ranks' logs, tracebacks included, are in {run_dir / 'submitit'}"
+              + (f"\nresume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}"
+                 if checkpoint.latest_tag(run_dir) else ""), file=sys.stderr)
         return 1
     print(report.read(run_dir))
     return 0
+
+
+def ranks_without_result(job: submitit.Job, cfg) -> list[int]:
+    """The ranks of a failed local job that left no result, not even an exception: killed from outside."""
+    ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    return [rank for rank in range(ranks)
+            if not JobPaths(job.paths.folder, job_id=job.job_id, task_id=rank).result_pickle.exists()]
 
 
 def failure(err: Exception) -> str:
