@@ -182,13 +182,14 @@ def study_runs(epochs: int) -> list[design.StudyRun]:
 
 def committed_budgets() -> list[int]:
     """The budgets (epochs) of the committed study: its docs/study/epochs<E>/ folders."""
-    return sorted(int(path.name[len("epochs"):]) for path in STUDY.glob("epochs*") if path.is_dir())
+    return sorted(int(path.name[len("epochs"):]) for path in STUDY.glob("epochs*")
+                  if path.is_dir() and path.name[len("epochs"):].isdigit())
 
 
 def take_study(root: Path) -> None:
     """Copy the ended runs of the local study in root (root/epochs<E>/runs/) into docs/study, the shard folder
     in their config.json made relative to the project."""
-    for budget in sorted(root.glob("epochs*")):
+    for budget in sorted(d for d in root.glob("epochs*") if d.is_dir() and d.name[len("epochs"):].isdigit()):
         epochs = int(budget.name[len("epochs"):])
         for run in study_runs(epochs):
             source, target = budget / "runs" / run.folder, STUDY / budget.name / "runs" / run.folder

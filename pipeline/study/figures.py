@@ -55,30 +55,30 @@ def fig2(runs_dir: Path, study: list[StudyRun], path: Path) -> None:
 def fig1(tables: dict[int, dict], path: Path) -> None:
     """The difference in top-1 error from 1x against kn (as a multiple of the reference) of the linear-scaling
     rows: ours at each budget (epochs -> table) with 95 % intervals, and the paper's from its Table 1, on one
-    axis; the gradient noise scale measured in the 1x runs marked on the kn axis (the paper's Fig. 1, as
+    axis (symmetric-log: the points near 0 and the climb both in view); the gradient noise scale measured early
+    in the 1x runs marked on the kn axis, with the middle and late values in its label (the paper's Fig. 1, as
     differences)."""
     plt = report.pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    reference_batch, paper = None, None
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    reference_batch, paper, multiples = None, None, set()
     for number, (epochs, table) in enumerate(sorted(tables.items())):
         rows = sorted((r for r in table["rows"] if not r["changes"] and r["mean"] is not None), key=lambda r: r["multiple"])
         base = next((r for r in rows if r["row"] == REFERENCE_ROW), None)
         if base is None:
             continue
         reference_batch = base.get("kn", reference_batch)
-        paper = paper or rows
-        xs = [r["multiple"] for r in rows]
+        paper = paper or [r for r in table["rows"] if not r["changes"]]
+        multiples |= {r["multiple"] for r in rows}
         diffs = [0.0 if r is base else (r["vs_1x"]["diff"] if r["vs_1x"] else r["mean"] - base["mean"]) for r in rows]
         low = [0.0 if r is base or not r["vs_1x"] else d - r["vs_1x"]["ci95"][0] for r, d in zip(rows, diffs)]
         high = [0.0 if r is base or not r["vs_1x"] else r["vs_1x"]["ci95"][1] - d for r, d in zip(rows, diffs)]
-        ax.errorbar(xs, diffs, yerr=[low, high], marker="o", capsize=3, color=f"C{number}",
+        ax.errorbar([r["multiple"] for r in rows], diffs, yerr=[low, high], marker="o", capsize=3, color=f"C{number}",
                     label=f"here, {epochs} epochs (95 % intervals)")
         scale = base.get("noise_scale")
-        if scale and reference_batch:
-            for part, style in (("early", ":"), ("late", "--")):
-                if scale[part] is not None:
-                    ax.axvline(scale[part] / reference_batch, color=f"C{number}", linestyle=style, alpha=0.7,
-                               label=f"noise scale of 1x, {part}, {epochs} epochs: {scale[part]:.0f} images")
+        if scale and reference_batch and scale["early"] is not None:
+            later = ", ".join(f"{part} {scale[part]:.0f}" for part in ("middle", "late") if scale[part] is not None)
+            ax.axvline(scale["early"] / reference_batch, color=f"C{number}", linestyle=":",
+                       label=f"noise scale of 1x at {epochs} epochs, early: {scale['early']:.0f} images ({later})")
     if paper:
         rows = [r for r in paper if r["paper_err"] is not None]
         base = next(r for r in rows if r["row"] == REFERENCE_ROW)
@@ -87,12 +87,15 @@ def fig1(tables: dict[int, dict], path: Path) -> None:
         ax.errorbar([r["multiple"] for r in rows], diffs,
                     yerr=[[d - i[0] for d, i in zip(diffs, intervals)], [i[1] - d for d, i in zip(diffs, intervals)]],
                     marker="s", capsize=3, color="k", linestyle="--", label="paper, 90 epochs (ResNet-50, ImageNet)")
+        multiples |= {r["multiple"] for r in rows}
     ax.axhline(0, color="0.5", linewidth=0.8)
     ax.set(xscale="log", xlabel=f"kn / reference kn (here {reference_batch} images; the paper's 256)",
            ylabel="top-1 error minus 1x's (points)",
            title="error against minibatch size, as the difference from 1x (cf. Goyal et al. Fig. 1)")
+    ax.set_yscale("symlog", linthresh=1)
     if paper:
-        ax.set_xticks([r["multiple"] for r in paper], [f"{r['multiple']}x\n{r['paper_kn']}" for r in paper])
+        kn = {r["multiple"]: r["paper_kn"] for r in paper}
+        ax.set_xticks(sorted(multiples), [f"{m}x\n{kn.get(m, '')}" for m in sorted(multiples)])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()

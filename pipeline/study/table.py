@@ -87,16 +87,20 @@ def noise_scale(run_dirs: list[Path]) -> dict | None:
 def holds_to(rows: list[dict]) -> dict | None:
     """kn*: the largest kn of the linear-scaling rows (no other change, the study's ranks) up to which every
     row's difference from 1x is within the 95 % interval of zero or below (not measurably worse), decided
-    before the runs; None without a 1x row."""
-    plain = sorted((r for r in rows if not r["changes"] and r["mean"] is not None), key=lambda r: r["multiple"])
-    if not plain or plain[0]["row"] != REFERENCE_ROW:
+    before the runs; "open" where the next row has too few finished seeds for a test (kn* is then at least
+    that); None without a 1x row."""
+    plain = sorted((r for r in rows if not r["changes"]), key=lambda r: r["multiple"])
+    if not plain or plain[0]["row"] != REFERENCE_ROW or plain[0]["mean"] is None:
         return None
-    star = plain[0]
+    star, open_at = plain[0], None
     for row in plain[1:]:
-        if row["vs_1x"] is None or row["vs_1x"]["ci95"][0] > 0:
+        if row["vs_1x"] is None:
+            open_at = row["row"]
+            break
+        if row["vs_1x"]["ci95"][0] > 0:
             break
         star = row
-    return {"row": star["row"], "multiple": star["multiple"], "kn": star.get("kn")}
+    return {"row": star["row"], "multiple": star["multiple"], "kn": star.get("kn"), "open": open_at}
 
 
 def build(runs_dir: Path, study: list[StudyRun]) -> dict:
@@ -155,7 +159,7 @@ def _versus(test: dict | None) -> str:
 def rows_markdown(table: dict) -> str:
     """The table's rows as Markdown, ours beside the paper's."""
     lines = ["| row | kn here | peak lr here | top-1 error here (%) | vs 1x: difference [95 % interval], Welch p | "
-             "noise scale here (late) | paper kn | paper top-1 error (%) |",
+             "noise scale here: early / middle / late | paper kn | paper top-1 error (%) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
         done = [r for r in row["runs"] if r["error"] is not None]
@@ -163,7 +167,8 @@ def rows_markdown(table: dict) -> str:
         ours = _cell(row["mean"], row["std"], len(done)) + (f", {', '.join(states)}" if states else "")
         lr = f"{row['peak_lr']:.3g}" if "peak_lr" in row else "—"
         scale = row["noise_scale"]
-        scale = f"{scale['late']:.0f}" if scale and scale["late"] is not None else "—"
+        scale = " / ".join(f"{scale[k]:.0f}" if scale[k] is not None else "—" for k in ("early", "middle", "late")) \
+            if scale else "—"
         lines.append(f"| {row['row']} | {row.get('kn', '—')} | {lr} | {ours} | {_versus(row['vs_1x'])} | {scale} | "
                      f"{row['paper_kn']} | {_cell(row['paper_err'], row['paper_std'])} |")
     return "\n".join(lines)
@@ -175,6 +180,9 @@ def verdict(table: dict) -> str:
     epochs = f"{table['epochs']} epochs" if table["epochs"] else "this budget"
     if not star:
         return "kn*: not yet (1x has not finished)."
+    if star["open"]:
+        return (f"kn* at {epochs}: not decided yet, at least {star['kn']} ({star['row']}); {star['open']} has fewer than "
+                "2 finished seeds, too few for the test.")
     return (f"Linear scaling holds to kn* = {star['kn']} ({star['row']}) at {epochs}: the largest kn up to which no "
             "linear-scaling row is measurably worse than 1x (the 95 % interval of its difference reaches 0).")
 
@@ -184,7 +192,7 @@ def markdown(table: dict) -> str:
     return (rows_markdown(table) + f"\n\n{verdict(table)}\n\nHere: the median top-1 error of each run's last epochs "
             "at the final lr, mean ± sample std over seeds (their count in brackets); the difference from 1x of the "
             "same budget with the 95 % interval and p-value of Welch's t-test; the gradient noise scale B_simple "
-            "(images) in the last third of the row's runs. Paper: ResNet-50 on ImageNet, the median of the last 5 "
+            "(images) in the first, second and last third of the row's runs (mean over seeds). Paper: ResNet-50 on ImageNet, the median of the last 5 "
             "epochs, mean ± std over 5 runs (Goyal et al. 2017, Tables 1 and 2).\n")
 
 
