@@ -62,34 +62,47 @@ def epochs_of(evals: list[dict], iters: list[dict]) -> list[float]:
 
 
 def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
-    """Training loss and validation error against epochs, as a PNG at path."""
-    plt = pyplot()
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs_of(evals, iters), [r["loss"] for r in iters])
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    epochs = [r["epoch"] + 1 for r in evals]
-    ax_err.plot(epochs, [r["top1_err"] for r in evals], marker="o", label="top-1")
-    ax_err.plot(epochs, [r["top5_err"] for r in evals], marker="o", label="top-5")
-    ax_err.set(xlabel="epoch", ylabel="validation error (%)", title="validation error")
-    ax_err.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """The run's picture, as a PNG at path: what a large-batch run is checked by first (overlay() draws the
+    same panels for several runs)."""
+    overlay_runs([("", evals, iters)], path)
 
 
 def overlay(run_dirs: list[Path], path: Path) -> None:
-    """Training error (loss for runs logged before train_err existed) and validation top-1 error against
-    epochs of several runs in one PNG at path, a line per run named by its folder."""
+    """The picture of several runs in one PNG at path, a line per run named by its folder."""
+    overlay_runs([(Path(d).name, *history(d)) for d in run_dirs], path)
+
+
+def overlay_runs(runs: list[tuple[str, list[dict], list[dict]]], path: Path) -> None:
+    """Three panels against epochs: the learning rate (its warmup and decays), the training error of each
+    record's window against the validation top-1 error (the loss for runs logged before train_err existed),
+    and images/s with the share of time rank 0 waited for data."""
     plt = pyplot()
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for run_dir in run_dirs:
-        evals, iters = history(run_dir)
+    fig, (ax_lr, ax_err, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax_wait = ax_speed.twinx()
+    for number, (name, evals, iters) in enumerate(runs):
+        color, label = f"C{number}", f"{name}: " if name else ""
+        epochs = epochs_of(evals, iters)
+        ax_lr.plot(epochs, [r["lr"] for r in iters], color=color, label=name or None)
         key = "train_err" if iters and all("train_err" in r for r in iters) else "loss"
-        ax_train.plot(epochs_of(evals, iters), [r[key] for r in iters], label=Path(run_dir).name)
-        ax_val.plot([r["epoch"] + 1 for r in evals], [r["top1_err"] for r in evals], marker="o", label=Path(run_dir).name)
-    ax_train.set(xlabel="epoch", ylabel="training error (%) or loss", title="training")
-    ax_val.set(xlabel="epoch", ylabel="validation top-1 error (%)", title="validation")
-    ax_val.legend(fontsize="small")
+        ax_err.plot(epochs, [r[key] for r in iters], color=color, alpha=0.6,
+                    label=f"{label}training {'error' if key == 'train_err' else 'loss'}")
+        ax_err.plot([r["epoch"] + 1 for r in evals], [r["top1_err"] for r in evals], color=color, marker="o",
+                    label=f"{label}validation top-1 error")
+        ax_speed.plot(epochs, [r["img_s"] for r in iters], color=color, label=f"{label}images/s")
+        if iters and all("data_wait" in r for r in iters):
+            ax_wait.plot(epochs, [100 * r["data_wait"] for r in iters], color=color, linestyle=":",
+                         label=f"{label}waiting for data")
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate (warmup, decays)")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", yscale="log", title="training against validation error")
+    ax_speed.set(xlabel="epoch", ylabel="images/s", title="speed, and the time spent waiting for data")
+    ax_wait.set(ylabel="waiting for data (% of the time)", ylim=(0, 100))
+    ax_err.legend(fontsize="small")
+    handles = [h for ax in (ax_speed, ax_wait) for h in ax.get_legend_handles_labels()[0]]
+    ax_speed.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="lower right")
+    if len(runs) > 1:
+        ax_lr.legend(fontsize="small")
+    for ax in (ax_lr, ax_err, ax_speed):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
