@@ -104,3 +104,14 @@ def test_the_noise_scale_over_training_is_the_ratio_of_each_thirds_means():
     assert noise.over_training(iters) == {"early": 10.0, "middle": 20.0, "late": 40.0,
                                           "pairing": "ranks (8 and 16 images)"}
     assert noise.over_training(iters[:2]) is None
+
+
+def test_where_deepspeeds_allreduce_runs_the_record_says_it_is_not_measured():
+    """Never a silent zero: no noise scale, the reason in the record, and a progress line without the value."""
+    from pipeline.train import metrics
+
+    fields = noise.not_measured()
+    assert fields["noise_scale"] is None and fields["noise_pairing"].startswith("not measured: DeepSpeed's own")
+    line = metrics.progress_line({"_type": "train_iter", "step": 1, "total_steps": 2, "epoch": 0, "lr": 0.1, "loss": 2.0,
+                                  "img_s": 10.0, **fields})
+    assert "noise scale" not in line

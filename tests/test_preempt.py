@@ -94,19 +94,19 @@ def test_a_stop_outside_slurm_says_nothing_was_requeued(monkeypatch):
 def test_checkpoints_are_kept_by_global_step_and_unfinished_saves_removed(tmp_path):
     """Folder times play no part: a tag resumed into and rewritten later must not outlive newer steps, and a
     save that never completed (no COMPLETE file) takes no slot."""
-    from pipeline.train import checkpoint
+    from pipeline.train import tags
 
     ckpt = tmp_path / "checkpoints"
     for age, (tag, step) in enumerate([("epoch-002", 30), ("step-0000045", 45), ("step-0000020", 20),
                                        ("epoch-001", 15), ("step-0000040", 40)]):
         (ckpt / tag).mkdir(parents=True)
-        (ckpt / tag / checkpoint.COMPLETE).write_text(f"{step}\n")
+        (ckpt / tag / tags.COMPLETE).write_text(f"{step}\n")
         os.utime(ckpt / tag, (1000 - age, 1000 - age))  # the newest step is not the newest folder
     (ckpt / "step-0000050").mkdir()  # a save killed before every rank had written its files
     (ckpt / "latest").write_text("step-0000045")
-    checkpoint.prune(ckpt, keep=3)
+    tags.prune(ckpt, keep=3)
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["epoch-002", "step-0000040", "step-0000045"]
-    checkpoint.prune(ckpt, keep=0)  # keep all: only unfinished saves go
+    tags.prune(ckpt, keep=0)  # keep all: only unfinished saves go
     assert len([d for d in ckpt.iterdir() if d.is_dir()]) == 3
 
 
@@ -184,7 +184,7 @@ def test_a_save_that_fails_on_one_rank_ends_every_rank_at_once_and_keeps_the_che
     for the other in a barrier until the collective timeout, 30 minutes), naming the path, the free space
     and the size a checkpoint takes; the partial tag is gone, the complete one before it untouched and still
     `latest`."""
-    from pipeline.train import checkpoint
+    from pipeline.train import tags
 
     run_dir = tmp_path / "run"
     mp.start_processes(full_disk_rank, args=(pick_port(), run_dir, tmp_path), nprocs=2, start_method="spawn")
@@ -197,5 +197,5 @@ def test_a_save_that_fails_on_one_rank_ends_every_rank_at_once_and_keeps_the_che
         assert "the newest complete checkpoint, epoch-001, is untouched" in result["outcome"]
     assert "No space left on device" in results[0]["outcome"]
     assert "a write failed on another rank" in results[1]["outcome"]
-    assert not (ckpt / "epoch-002").exists() and checkpoint.check(ckpt / "epoch-001") is None
-    assert checkpoint.latest_tag(run_dir) == "epoch-001" == (ckpt / "latest").read_text()
+    assert not (ckpt / "epoch-002").exists() and tags.check(ckpt / "epoch-001") is None
+    assert tags.latest_tag(run_dir) == "epoch-001" == (ckpt / "latest").read_text()

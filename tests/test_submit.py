@@ -17,7 +17,7 @@ from helpers import SMALL, pick_port, run_here, run_module, truncate_sample, wei
 from pipeline import config
 from pipeline.shards import index
 from pipeline.submit import main as submit_main
-from pipeline.train import checkpoint, distributed, engine, metrics, model, schedule
+from pipeline.train import checkpoint, distributed, engine, metrics, model, schedule, tags
 
 
 def submit(*args, cwd=None):
@@ -177,7 +177,7 @@ def test_auto_refuses_when_srun_is_there_but_no_slurm_controller_answers(tmp_pat
     (tmp_path / "slurm.conf").write_text("ClusterName=gone\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
-    with pytest.raises(ValueError, match=r"srun is on PATH but no Slurm controller answers \(scontrol ping: .+\); "
+    with pytest.raises(ValueError, match=r"(?s)srun is on PATH but no Slurm controller answers \(scontrol ping: .+\); "
                                          "nothing was written or submitted. Pass --cluster slurm once Slurm answers "
                                          "again .+, or --cluster local to run on this machine anyway"):
         choose_cluster("auto")
@@ -419,7 +419,7 @@ def test_a_cut_short_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the
             and "kept aside as step-0000029.damaged, 1 step to train again; resumed from step-0000028" in result.stdout)
     assert (ckpt / "step-0000029.damaged" / "mp_rank_00_model_states.pt").stat().st_size == 1000
     assert {d.name for d in ckpt.iterdir() if d.is_dir()} >= {"step-0000028", "step-0000029.damaged", "epoch-002"}
-    assert "step-0000029.damaged" not in [tag for tag, _ in checkpoint.complete_tags(ckpt)]
+    assert "step-0000029.damaged" not in [tag for tag, _ in tags.complete_tags(ckpt)]
     got = torch.load(ckpt / "epoch-002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     for name in weight_names(got):
         assert torch.equal(got[name], want[name]), name

@@ -22,7 +22,7 @@ from pipeline.data.manifest import load_index, load_manifest
 from pipeline.dsconfig import BATCH_KEYS, LOGGING_KEYS, ds_config_path, load_ds_config
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
-from pipeline.train import checkpoint, metrics, model
+from pipeline.train import metrics, model, tags
 from pipeline.train.preempt import ATTEMPT
 
 DEMO_IMAGES = Path("data/fashion-mnist")
@@ -76,7 +76,7 @@ def resolve_run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -
 def never_trained(run_dir: Path) -> bool:
     """A run folder whose job never took a step (it failed before, or never started): no checkpoint and no
     progress record, so a corrected command may replace its config."""
-    return checkpoint.latest_tag(run_dir) is None and \
+    return tags.latest_tag(run_dir) is None and \
         not any(r["_type"] == "train_iter" for r in metrics.read(run_dir / "metrics.jsonl"))
 
 

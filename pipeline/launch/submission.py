@@ -22,7 +22,7 @@ from pipeline.launch.options import preset_name, sweep_overrides
 from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
                                      makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
 from pipeline.scaling import model as scaling
-from pipeline.train import checkpoint, metrics, model, report
+from pipeline.train import metrics, model, report, tags
 
 
 def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
@@ -119,7 +119,7 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
               + ("then " if silent else "") + failure(err)
               + f"\nthe ranks' logs, tracebacks included, are in {run_dir / 'submitit'}"
               + (f"\nresume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}"
-                 if checkpoint.latest_tag(run_dir) else ""), file=sys.stderr)
+                 if tags.latest_tag(run_dir) else ""), file=sys.stderr)
         return 1
     print(report.read(run_dir))
     return 0

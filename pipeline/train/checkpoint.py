@@ -12,9 +12,7 @@ the next older one is tried. `latest` is only a hint for other tools: the tags' 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -25,11 +23,8 @@ import torch.distributed as dist
 
 from pipeline.config import RESUME_KEYS, differences
 from pipeline.train.distributed import is_primary
-
-
-def directory(run_dir: Path) -> Path:
-    """Where the checkpoint tags and the `latest` file live."""
-    return Path(run_dir) / "checkpoints"
+from pipeline.train.tags import (COMPLETE, DAMAGED, MANIFEST, check, complete_tags, directory, fsync, manifest,
+                                 prune, set_aside, write_durably)
 
 
 def _rank_file(tag_dir: Path, rank: int) -> Path:
@@ -49,16 +44,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """path holds text, on disk, or path is untouched (written beside it, synced, then renamed)."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
 
 
 class SaveFailed(RuntimeError):
@@ -146,16 +131,16 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
             buffers = {name: buffer.cpu() for name, buffer in engine.module.named_buffers()}
             path = _rank_file(ckpt / tag, dist.get_rank())
             torch.save({"rng": _rng_state(), "buffers": buffers}, path)
-            _fsync(path)
+            fsync(path)
         except OSError as err:
             error = err
     # Every rank's files are written (or one failed): only now may the tag become complete
     if not _any_rank(error is not None, engine.device):
         try:
             if is_primary():
-                _write_durably(ckpt / tag / MANIFEST, json.dumps(_manifest(ckpt / tag), indent=1))
-                _write_durably(ckpt / tag / COMPLETE, f"{engine.global_steps}\n")
-                _write_durably(ckpt / "latest", tag)
+                write_durably(ckpt / tag / MANIFEST, json.dumps(manifest(ckpt / tag), indent=1))
+                write_durably(ckpt / tag / COMPLETE, f"{engine.global_steps}\n")
+                write_durably(ckpt / "latest", tag)
         except OSError as err:
             error = err
         if not _any_rank(error is not None, engine.device):
@@ -165,95 +150,6 @@ def save(engine, run_dir: Path, tag: str, position: dict, config: dict, keep: in
     if is_primary():
         shutil.rmtree(ckpt / tag, ignore_errors=True)  # the partial tag; the complete ones stay as they are
     raise _save_failed(ckpt, tag, error)
-
-
-COMPLETE = "COMPLETE"  # in a tag folder once every rank's files are in it; holds the tag's global step
-MANIFEST = "MANIFEST.json"  # written just before COMPLETE: every file of the tag with its size and sha256
-DAMAGED = ".damaged"  # the suffix of a tag moved aside on resume
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _manifest(folder: Path) -> dict:
-    """{relative path: {"bytes", "sha256"}} of every file of a tag, each synced to disk first."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE)):
-        _fsync(path)
-        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    return files
-
-
-def check(folder: Path) -> str | None:
-    """What is wrong with a complete tag against its manifest (a file missing, cut short or changed), or
-    None where it matches or has no manifest (written before manifests: its load is the test)."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        files = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return f"its {MANIFEST} does not read ({err})"
-    for name, want in files.items():
-        file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} has {size:,} bytes, {want['bytes']:,} when written"
-        if _sha256(file) != want["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
-
-
-def complete_tags(ckpt: Path) -> list[tuple[str, int]]:
-    """(tag, global step) of every complete tag, newest first; tags moved aside as damaged are not counted."""
-    tags = []
-    if ckpt.is_dir():
-        for folder in ckpt.iterdir():
-            if folder.is_dir() and not folder.name.endswith(DAMAGED) and (folder / COMPLETE).is_file():
-                try:
-                    tags.append((folder.name, int((folder / COMPLETE).read_text())))
-                except ValueError:
-                    continue
-    return sorted(tags, key=lambda item: item[1], reverse=True)
-
-
-def prune(ckpt: Path, keep: int) -> None:
-    """Keep the newest `keep` complete tags by global step (0: all), and remove the folders of saves that
-    never completed (a job killed mid-save); folder times play no part, and tags moved aside as damaged are
-    kept and not counted."""
-    complete = {name for name, _ in complete_tags(ckpt)}
-    broken = [d for d in ckpt.iterdir() if d.is_dir() and d.name not in complete and not d.name.endswith(DAMAGED)]
-    stale = [name for name, _ in complete_tags(ckpt)][keep:] if keep else []
-    for folder in broken + [ckpt / name for name in stale]:
-        shutil.rmtree(folder)
-
-
-def latest_tag(run_dir: Path) -> str | None:
-    """The newest complete checkpoint's tag, or None before the first (`latest` is only a hint)."""
-    tags = complete_tags(directory(run_dir))
-    return tags[0][0] if tags else None
-
-
-def _set_aside(ckpt: Path, tag: str) -> str:
-    """Rename a damaged tag to <tag>.damaged (a number added where that exists); returns the new name."""
-    name, n = tag + DAMAGED, 1
-    while (ckpt / name).exists():
-        n += 1
-        name = f"{tag}{DAMAGED}{n}"
-    (ckpt / tag).rename(ckpt / name)
-    return name
 
 
 def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int, list[dict]] | None:
@@ -291,7 +187,7 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int, list[di
                 break
         problem = problem or "it does not load on another rank"
         skipped.append({"tag": tag, "step": step, "why": problem,
-                        "kept_as": _set_aside(ckpt, tag) if is_primary() else None})
+                        "kept_as": set_aside(ckpt, tag) if is_primary() else None})
     else:
         raise NoCheckpointLoads(
             f"no checkpoint of {run_dir} loads: "

@@ -22,7 +22,7 @@ from pipeline.data.decode import Encoded, decode_on_device, normalize
 from pipeline.data.manifest import load_index, load_manifest
 from pipeline.data.streams import Batch, EvalStream, train_stream
 from pipeline.data.workers import loader
-from pipeline.train import checkpoint, metrics, model, noise, preempt, report
+from pipeline.train import checkpoint, metrics, model, noise, preempt, report, tags
 from pipeline.train.distributed import average_bn_statistics, collectives_explained, init_distributed, is_primary
 from pipeline.train.engine import build_engine
 from pipeline.train.schedule import lr_at
@@ -132,10 +132,6 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
-NO_METER = ("DeepSpeed's own allreduce runs (zero_optimization.overlap_comm=false); the noise scale is measured in "
-            "the buckets of ours")
-
-
 def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log,
                 stop: preempt.StopRequest, save=None) -> tuple[int, bool]:
     """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
@@ -188,7 +184,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
             log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=loss_sum / (window_n * plan.world_size),
                       train_err=100 * (1 - top1 / seen), img_s=seen / elapsed, total_steps=plan.total_steps,
                       data_wait=min(1.0, waited / elapsed),
-                      **(meter.fields(values[4:]) if meter else noise.not_measured(NO_METER)))
+                      **(meter.fields(values[4:]) if meter else noise.not_measured()))
             window, window_n, window_start, waited = torch.zeros_like(window), 0, time.time(), 0.0
         if step < last_step and stop.poll(device, step):
             stopped = True
@@ -215,7 +211,7 @@ def end_after_divergence(engine, cfg: Config, plan: Plan, stop: preempt.StopRequ
     checkpoint."""
     step = stop.diverged_at or engine.global_steps
     lr = lr_at(step - 1, cfg.optim.base_lr, plan, cfg.schedule)
-    good = checkpoint.latest_tag(run_dir)
+    good = tags.latest_tag(run_dir)
     record = log.write("diverged", step=step, lr=lr, checkpoint=good)
     if is_primary():
         print(metrics.progress_line(record), flush=True)

@@ -129,9 +129,11 @@ class NoiseMeter:
         return fields
 
 
-def not_measured(reason: str) -> dict:
-    """The fields of a record where no noise scale is measured, saying why (never a silent zero)."""
-    return {"noise_pairing": f"not measured: {reason}", "noise_scale": None}
+def not_measured() -> dict:
+    """The fields of a record where DeepSpeed's own allreduce runs instead of our buckets: no noise scale, and
+    why (never a silent zero)."""
+    return {"noise_pairing": "not measured: DeepSpeed's own allreduce runs (zero_optimization.overlap_comm=false); "
+                             "the noise scale is measured in the buckets of ours", "noise_scale": None}
 
 
 def over_training(iters: list[dict]) -> dict | None:
