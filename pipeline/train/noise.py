@@ -21,8 +21,10 @@ inside the optimizer step, after both are taken), summed on the device by the bu
   (B_big = n m);
 - one rank, one micro-batch a step: each step's gradient (B_small = n) and its mean with the step before's
   (B_big = 2n). The two were taken one update apart, so the |G|^2 estimate is the dot product of
-  consecutive gradients, G_t . G_(t-1) rather than |G_t|^2: biased by one update's change of the gradient,
-  small where the lr is. The records name the pairing.
+  consecutive gradients, and the step before's noise has moved the weights against the current gradient:
+  it comes out low by about lr tr(H Sigma) / n (H the Hessian), and B_simple high, most where the gradient
+  is small against its noise (late in training). Exact at lr 0; an upper estimate in training. The records
+  name the pairing.
 """
 
 from __future__ import annotations
