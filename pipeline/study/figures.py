@@ -38,7 +38,7 @@ def fig2(runs_dir: Path, study: list[StudyRun], path: Path) -> None:
         if dirs:
             epochs, errors = mean_curve(dirs)
             kn = next(r for r in study if r.row.name == name).row.paper_kn
-            ax.plot(epochs, errors, label=f"{name} (the paper's {kn}), {len(dirs)} seeds")
+            ax.plot(epochs, errors, label=f"{name} (the paper's {kn}), {len(dirs)} seed{'s' if len(dirs) != 1 else ''}")
             cfg, _ = config.load_run_config(dirs[0])
             warmup = warmup or cfg.schedule.warmup_epochs
     if warmup:
