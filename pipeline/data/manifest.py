@@ -134,7 +134,7 @@ def _readable_mode() -> int:
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of a shard, as its manifest entry records it."""
+    """The sha256 of a file: a shard's, as its manifest entry records it (a checkpoint's files' too)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

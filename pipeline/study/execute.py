@@ -62,18 +62,24 @@ def holdout_overrides(args: argparse.Namespace) -> list[str]:
         raise ValueError("--holdout splits the demo's Fashion-MNIST training set; for other data, convert a split "
                          "held out of your training set (python -m pipeline.shards convert) and pass data.shards=DIR "
                          "data.train_samples=N data.val_samples=M")
-    return [f"data.shards={HOLDOUT_SHARDS}", f"data.train_samples={60_000 - HOLDOUT}", f"data.val_samples={HOLDOUT}"]
+    train = config.preset("demo").data.train_samples - HOLDOUT
+    return [f"data.shards={HOLDOUT_SHARDS}", f"data.train_samples={train}", f"data.val_samples={HOLDOUT}"]
+
+
+def budget_epochs(args: argparse.Namespace) -> int:
+    """The study's epochs: --epochs, or the quick study's."""
+    return design.QUICK_EPOCHS if args.quick else args.epochs
 
 
 def budget_dir(args: argparse.Namespace) -> Path:
     """OUT/epochs<E>: the runs, table and Fig. 2 of one budget; Fig. 1 of all budgets sits in OUT."""
-    return args.out.resolve() / f"epochs{design.QUICK_EPOCHS if args.quick else args.epochs}"
+    return args.out.resolve() / f"epochs{budget_epochs(args)}"
 
 
 def plan(args: argparse.Namespace) -> tuple[list[design.StudyRun], list[Run]]:
     """The study's runs (rows x seeds) and each one resolved in its folder OUT/epochs<E>/runs/<row>-seed<s>;
     raises on any that cannot run, before anything is written."""
-    epochs = design.QUICK_EPOCHS if args.quick else args.epochs
+    epochs = budget_epochs(args)
     if epochs < 1:
         raise ValueError(f"--epochs {epochs} must be at least 1")
     rows = design.QUICK_ROWS if args.quick else design.budget_rows(epochs)

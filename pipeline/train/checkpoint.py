@@ -13,6 +13,7 @@ the next older one is tried. `latest` is only a hint for other tools: the tags' 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -180,7 +181,7 @@ def resume(engine, run_dir: Path, config: dict) -> tuple[str, dict, int, list[di
             try:
                 loaded = _load(engine, ckpt, tag)
             except (OSError, RuntimeError, EOFError, ValueError, KeyError, AssertionError,
-                    __import__("pickle").UnpicklingError) as err:
+                    pickle.UnpicklingError) as err:
                 problem = f"it does not load on rank {dist.get_rank()} ({type(err).__name__}: " \
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no message'})"
             if not _any_rank(problem is not None, engine.device):

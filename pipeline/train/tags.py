@@ -4,11 +4,17 @@ damaged one aside. The launcher reads these too (pipeline.train.checkpoint write
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+from pipeline.data.manifest import file_sha256
+
+COMPLETE = "COMPLETE"  # in a tag folder once every rank's files are in it; holds the tag's global step
+MANIFEST = "MANIFEST.json"  # written just before COMPLETE: every file of the tag with its size and sha256
+DAMAGED = ".damaged"  # the suffix of a tag moved aside on resume
+
 
 def directory(run_dir: Path) -> Path:
     """Where the checkpoint tags and the `latest` file live."""
@@ -25,22 +31,10 @@ def write_durably(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-COMPLETE = "COMPLETE"  # in a tag folder once every rank's files are in it; holds the tag's global step
-MANIFEST = "MANIFEST.json"  # written just before COMPLETE: every file of the tag with its size and sha256
-DAMAGED = ".damaged"  # the suffix of a tag moved aside on resume
-
-
 def fsync(path: Path) -> None:
+    """The file's data on disk (whoever wrote it, on this machine)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest(folder: Path) -> dict:
@@ -48,7 +42,7 @@ def manifest(folder: Path) -> dict:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE)):
         fsync(path)
-        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return files
 
 
@@ -69,7 +63,7 @@ def check(folder: Path) -> str | None:
         size = file.stat().st_size
         if size != want["bytes"]:
             return f"{name} has {size:,} bytes, {want['bytes']:,} when written"
-        if sha256(file) != want["sha256"]:
+        if file_sha256(file) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -91,9 +85,9 @@ def prune(ckpt: Path, keep: int) -> None:
     """Keep the newest `keep` complete tags by global step (0: all), and remove the folders of saves that
     never completed (a job killed mid-save); folder times play no part, and tags moved aside as damaged are
     kept and not counted."""
-    complete = {name for name, _ in complete_tags(ckpt)}
+    complete = [name for name, _ in complete_tags(ckpt)]
     broken = [d for d in ckpt.iterdir() if d.is_dir() and d.name not in complete and not d.name.endswith(DAMAGED)]
-    stale = [name for name, _ in complete_tags(ckpt)][keep:] if keep else []
+    stale = complete[keep:] if keep else []
     for folder in broken + [ckpt / name for name in stale]:
         shutil.rmtree(folder)
 
@@ -112,5 +106,3 @@ def set_aside(ckpt: Path, tag: str) -> str:
         name = f"{tag}{DAMAGED}{n}"
     (ckpt / tag).rename(ckpt / name)
     return name
-
-
