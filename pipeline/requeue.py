@@ -65,21 +65,12 @@ def dead_tasks(log: Path | None) -> list[str]:
 
 def decide(run_dir: Path, max_requeues: int) -> tuple[bool, str]:
     """(requeued, why) for a job step of run_dir that failed: requeues it when that may help."""
-    if (run_dir / "report.json").is_file():
-        return False, "the run had finished"
     records = metrics.read(run_dir / "metrics.jsonl")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
     starts = [i for i, r in enumerate(records) if r["_type"] == "start" and r.get("job_id") == os.environ["SLURM_JOB_ID"]
               and r.get("restarts") == restarts]
-    attempt = records[starts[-1]:] if starts else []
-    if any(r["_type"] == "diverged" for r in attempt):
-        return False, "the run diverged (a loss that was not finite): a requeue would diverge again"
-    if any(r["_type"] == "save_failed" for r in attempt):
-        return False, "a checkpoint could not be written (its record says where and how much space it needs): a " \
-                      "requeue would fail on the same disk; free space, then resume"
-    if not any(r["_type"] in ("train_iter", "checkpoint", "eval") for r in attempt):
-        return False, "this attempt failed before its first step: a requeue would fail the same way"
-    return preempt.requeue_job(max_requeues)
+    refused = preempt.requeue_refused(run_dir, records[starts[-1]:] if starts else [])
+    return (False, refused) if refused else preempt.requeue_job(max_requeues)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -480,6 +480,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def local_rank(processes: set[int], rank: int) -> int:
+    """The pid of a local job's rank among processes: the one that runs submitit's task (not its wrapper,
+    pipeline.launch.local_task)."""
+    (pid,) = [p for p in processes
+              if f"SUBMITIT_LOCAL_GLOBALID={rank}" in Path(f"/proc/{p}/environ").read_bytes().decode(errors="replace")
+              and Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:4] == [b"-u", b"-m", b"submitit.core._submit"]]
+    return pid
+
+
 def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launcher_says_how_to_resume(
         shard_dir, tmp_path):
     """Rank 1 of a 2-rank local run SIGKILLed mid-run: its forkserver and loader worker die with it (they block
@@ -494,10 +503,9 @@ def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launc
             assert launcher.poll() is None, launcher.communicate()[1][-2000:]
             time.sleep(0.2)
         job = descendants(launcher.pid)
-        ranks = [p for p in job if "SUBMITIT_LOCAL_GLOBALID=1" in Path(f"/proc/{p}/environ").read_bytes().decode(errors="replace")
-                 and "submitit.core._submit" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-        assert len(ranks) == 1 and len(job) >= 8  # controller, 2 ranks, their trackers, forkservers, workers
-        os.kill(ranks[0], signal.SIGKILL)
+        rank = local_rank(job, 1)
+        assert len(job) >= 10  # controller, 2 ranks and their wrappers, trackers, forkservers, workers
+        os.kill(rank, signal.SIGKILL)
         _, err = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
@@ -507,6 +515,36 @@ def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launc
              and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]  # zombies are gone
     assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in alive]
     assert launcher.returncode == 1 and "Traceback" not in err
-    assert "error: the job failed: rank 1 ended without a word (killed by a signal" in err
+    assert "error: the job failed: rank 1 was killed by SIGKILL (by hand, or by the kernel's out-of-memory killer" in err
     assert "then RuntimeError: rank 0: a collective failed" in err
     assert f"resume it with: python -m pipeline.submit --run-dir {run_dir}" in err
+
+
+def test_max_requeues_restarts_a_local_job_whose_rank_was_killed_from_its_newest_checkpoint(shard_dir, tmp_path):
+    """--max-requeues 1 on this machine: rank 1 SIGKILLed in epoch 2, after epoch 1's checkpoint; the launcher
+    writes the `failed` record (restarted), starts the job again, which resumes from that checkpoint and
+    finishes: exit 0, a report, every step trained."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.submit", "--cluster", "local", "--run-dir", str(run_dir),
+                                 "--max-requeues", "1", f"data.shards={shard_dir}", *SMALL, "schedule.epochs=3",
+                                 "train.checkpoint_every_min=0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not any(r["_type"] == "train_iter" and r["step"] >= 18 for r in metrics.read(run_dir / "metrics.jsonl")):
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            time.sleep(0.2)
+        os.kill(local_rank(descendants(launcher.pid), 1), signal.SIGKILL)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, err[-3000:]
+    records = metrics.read(run_dir / "metrics.jsonl")
+    kinds = [r["_type"] for r in records]
+    failed = records[kinds.index("failed")]
+    assert failed["requeued"] and failed["tasks"][0].startswith("rank 1 was killed by SIGKILL"), failed
+    assert "restarted from the newest checkpoint (1 of at most 1 restarts)" in err
+    resume = records[kinds.index("resume")]
+    assert kinds.index("failed") < kinds.index("resume") and resume["step"] == 15 and resume["epoch"] == 1, resume
+    assert (run_dir / "report.json").is_file() and records[-1]["_type"] == "eval" and records[-1]["epoch"] == 2
+    assert max(r["step"] for r in records if r["_type"] == "train_iter") == 45

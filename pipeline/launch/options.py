@@ -32,6 +32,12 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
                         help="auto: Slurm when srun is on PATH (an error where its controller does not answer "
                              "scontrol ping), else this machine (an error where the ranks outnumber its GPUs or "
                              "cores); local: this machine, whatever it has; debug: in this process, 1 rank")
+    if training:
+        parser.add_argument("--max-requeues", type=int, metavar="N",
+                            help="times a job that failed mid-run (or, on Slurm, reached its time limit) starts "
+                                 "again from its newest checkpoint (default 3 on Slurm, where submitit does not count "
+                                 "preemptions; 0 on this machine). Never for a run that diverged, could not write its "
+                                 "checkpoint, or failed before its first step")
     slurm = parser.add_argument_group("Slurm (ignored by --cluster local and debug)")
     slurm.add_argument("--partition", help="partition to run in")
     slurm.add_argument("--account", help="account to charge")
@@ -46,9 +52,6 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
         slurm.add_argument("--signal-delay", type=int, default=90, metavar="SECONDS",
                            help="SIGUSR2 this long before the time limit: the ranks checkpoint and the job requeues "
                                 "(default 90)")
-        slurm.add_argument("--max-requeues", type=int, default=3,
-                           help="time-limit requeues before the job gives up (default 3; preemptions are not "
-                                "counted by submitit)")
         if sweeps:
             slurm.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                                help="one run per value (per combination when repeated), submitted as one job array; "
@@ -67,6 +70,13 @@ def job_parser(prog: str, description: str, training: bool = True, preset: str =
 def preset_name(args: argparse.Namespace) -> str:
     """The preset the command names, else the command's default."""
     return args.preset or args.default_preset
+
+
+def requeue_limit(args: argparse.Namespace, cluster: str) -> int:
+    """--max-requeues, else its default on the cluster that runs the job: 3 on Slurm, 0 on this machine."""
+    if args.max_requeues is not None:
+        return args.max_requeues
+    return 3 if cluster == "slurm" else 0
 
 
 def sbatch_options(args: argparse.Namespace) -> dict[str, str | bool]:
@@ -95,7 +105,7 @@ def sbatch_options(args: argparse.Namespace) -> dict[str, str | bool]:
 def check_slurm_args(args: argparse.Namespace) -> None:
     """Time, signal delay, requeue and array limits that Slurm can honour."""
     for flag, value, least in (("--time", args.time, 1), ("--signal-delay", args.signal_delay, 0),
-                               ("--max-requeues", args.max_requeues, 0),
+                               ("--max-requeues", args.max_requeues or 0, 0),
                                ("--array-parallelism", args.array_parallelism, 1)):
         if value < least:
             raise ValueError(f"{flag} {value} must be at least {least}")

@@ -20,6 +20,7 @@ import submitit
 from pipeline import config
 from pipeline.data.manifest import load_index, load_manifest
 from pipeline.dsconfig import BATCH_KEYS, LOGGING_KEYS, ds_config_path, load_ds_config
+from pipeline.launch.options import requeue_limit
 from pipeline.shards import demo
 from pipeline.shards.convert import convert
 from pipeline.train import metrics, model, tags
@@ -286,7 +287,10 @@ def submit_jobs(executor: submitit.Executor, jobs: list) -> list[submitit.Job]:
 def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, name: str,
                   options: dict) -> submitit.Executor:
     """submitit executor with one task per GPU (per process on CPU); args.cluster is a chosen one."""
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
+    requeues = requeue_limit(args, args.cluster)
+    # Each local rank runs under pipeline.launch.local_task, which writes down how it ended
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=requeues,
+                                     local_python=f"{shlex.quote(sys.executable)} -m pipeline.launch.local_task")
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
     if executor.cluster == "debug" and world != 1:
         raise ValueError(f"--cluster debug runs one rank in this process, but the plan has world_size={world}; "
@@ -302,7 +306,7 @@ def make_executor(args: argparse.Namespace, cfg: config.Config, folder: Path, na
         # then pipeline.requeue, with srun's exit status, requeues a job that failed mid-run (submitit requeues
         # on time limits and preemption only). The line before srun marks the attempt in srun's log.
         requeue = [shlex.quote(sys.executable), "-m", "pipeline.requeue", "--submitit", shlex.quote(str(folder)),
-                   "--exit-code", "$?", "--max-requeues", str(args.max_requeues)]
+                   "--exit-code", "$?", "--max-requeues", str(requeues)]
         executor.update_parameters(slurm_signal_delay_s=args.signal_delay, slurm_srun_args=["--kill-on-bad-exit=1"],
                                    slurm_additional_parameters=options, slurm_array_parallelism=args.array_parallelism,
                                    slurm_setup=[f'echo "{ATTEMPT} ${{SLURM_RESTART_COUNT:-0}}" >&2'],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shlex
 import sys
@@ -18,11 +19,12 @@ from pipeline import config
 from pipeline.dsconfig import bucket_elements
 from pipeline.launch import sbatch, status
 from pipeline.launch.jobs import TrainJob
-from pipeline.launch.options import preset_name, sweep_overrides
+from pipeline.launch.local_task import how_it_ended
+from pipeline.launch.options import preset_name, requeue_limit, sweep_overrides
 from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
                                      makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
 from pipeline.scaling import model as scaling
-from pipeline.train import metrics, model, report, tags
+from pipeline.train import metrics, model, preempt, report, tags
 
 
 def resolve_runs(args: argparse.Namespace) -> tuple[Path, list[Run], bool]:
@@ -84,7 +86,7 @@ def check_data(args: argparse.Namespace, run_dir: Path, runs: list[Run]) -> None
 def emit_sbatch(args: argparse.Namespace, run: Run, options: dict) -> int:
     """Prepare the run folder and write slurm/train.sbatch for it to args.emit_sbatch, instead of submitting."""
     script = sbatch.render(run.cfg, run.run_dir, args.time, options, Path.cwd(), signal_delay=args.signal_delay,
-                           max_requeues=args.max_requeues)
+                           max_requeues=requeue_limit(args, "slurm"))
     prepare_run_dir(run)
     (run.run_dir / "slurm").mkdir(exist_ok=True)
     args.emit_sbatch.write_text(script)
@@ -93,42 +95,64 @@ def emit_sbatch(args: argparse.Namespace, run: Run, options: dict) -> int:
 
 
 def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
-    """Submit one run; on this machine (or with --wait) follow it and print its report."""
+    """Submit one run; on this machine (or with --wait) follow it and print its report. A local job that
+    failed mid-run starts again from its newest checkpoint, at most --max-requeues times (Slurm's are
+    requeued by pipeline.requeue, under the same rules)."""
     run_dir = run.run_dir
     executor = make_executor(args, run.cfg, run_dir / "submitit", run_dir.name, options)
     prepare_run_dir(run)
-    earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
-    (job,) = submit_jobs(executor, [TrainJob(run_dir)])
-    status.record_submission(run_dir, job.job_id, executor.cluster)
-    print(f"submitted job {job.job_id} ({executor.cluster}); run folder {run_dir}; rank logs in {run_dir / 'submitit'}",
-          flush=True)
-    if executor.cluster == "slurm" and not args.wait:
-        print(f"follow it with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
+    for restarts in itertools.count():
+        earlier = len(metrics.read(run_dir / "metrics.jsonl"))  # a resumed run's old records are not news
+        (job,) = submit_jobs(executor, [TrainJob(run_dir)])
+        status.record_submission(run_dir, job.job_id, executor.cluster)
+        print(f"submitted job {job.job_id} ({executor.cluster}); run folder {run_dir}; rank logs in "
+              f"{run_dir / 'submitit'}", flush=True)
+        if executor.cluster == "slurm" and not args.wait:
+            print(f"follow it with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
+            return 0
+        interrupted = follow(job, run_dir, earlier, local=executor.cluster == "local")
+        try:
+            job.results()
+        except submitit.core.utils.FailedJobError as err:
+            if interrupted:  # the stop record's line said where it stopped
+                print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
+                return 130
+            dead = dead_ranks(job, run.cfg) if executor.cluster == "local" else []
+            if executor.cluster == "local" and restart_local(job, run_dir, earlier, dead, restarts,
+                                                             requeue_limit(args, "local")):
+                continue
+            print("error: the job failed: " + "".join(f"{rank}; " for rank in dead) + ("then " if dead else "")
+                  + failure(err)
+                  + f"\nthe ranks' logs, tracebacks included, are in {run_dir / 'submitit'}"
+                  + (f"\nresume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}"
+                     if tags.latest_tag(run_dir) else ""), file=sys.stderr)
+            return 1
+        print(report.read(run_dir))
         return 0
-    interrupted = follow(job, run_dir, earlier, local=executor.cluster == "local")
-    try:
-        job.results()
-    except submitit.core.utils.FailedJobError as err:
-        if interrupted:  # the stop record's line said where it stopped
-            print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
-            return 130
-        silent = ranks_without_result(job, run.cfg) if executor.cluster == "local" else []
-        print("error: the job failed: "
-              + "".join(f"rank {r} ended without a word (killed by a signal: SIGKILL, the kernel's out-of-memory "
-                        "killer, or a crash in native code); " for r in silent)
-              + ("then " if silent else "") + failure(err)
-              + f"\nthe ranks' logs, tracebacks included, are in {run_dir / 'submitit'}"
-              + (f"\nresume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}"
-                 if tags.latest_tag(run_dir) else ""), file=sys.stderr)
-        return 1
-    print(report.read(run_dir))
-    return 0
 
 
-def ranks_without_result(job: submitit.Job, cfg) -> list[int]:
-    """The ranks of a failed local job that left no result, not even an exception: killed from outside."""
+def restart_local(job: submitit.Job, run_dir: Path, earlier: int, dead: list[str], restarts: int,
+                  limit: int) -> bool:
+    """After a local job failed: whether it starts again (the rules of pipeline.train.preempt.requeue_refused,
+    at most `limit` times), with a `failed` record saying why or why not, as pipeline.requeue writes on Slurm
+    (with how the `dead` ranks ended in place of srun's words)."""
+    refused = preempt.requeue_refused(run_dir, metrics.read(run_dir / "metrics.jsonl")[earlier:])
+    if refused is None and restarts >= limit:
+        refused = f"not restarted: {restarts} restarts already (--max-requeues {limit})"
+    record = metrics.MetricsLog(run_dir / "metrics.jsonl", enabled=True).write(
+        "failed", job_id=job.job_id, exit_code=None, tasks=dead,
+        requeued=refused is None, reason=refused or f"restarted from the newest checkpoint ({restarts + 1} of at "
+                                                    f"most {limit} restarts)")
+    if refused is None:
+        print(metrics.progress_line(record), file=sys.stderr, flush=True)
+    return refused is None
+
+
+def dead_ranks(job: submitit.Job, cfg) -> list[str]:
+    """How each rank of a failed local job that left no result (not even an exception) ended: "rank 1 was
+    killed by SIGKILL (...)"."""
     ranks = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    return [rank for rank in range(ranks)
+    return [f"rank {rank} {how_it_ended(job.paths.folder, job.job_id, rank)}" for rank in range(ranks)
             if not JobPaths(job.paths.folder, job_id=job.job_id, task_id=rank).result_pickle.exists()]
 
 

@@ -92,8 +92,8 @@ def progress_line(record: dict) -> str | None:
         return (f"diverged: the loss was not finite by step {record['step']} (lr {record['lr']:.4g}); the run stopped "
                 f"without requeueing; newest good checkpoint: {record['checkpoint'] or 'none'}")
     if kind == "failed":
-        return (f"job {record['job_id']} failed (srun exit status {record['exit_code']}"
-                + "".join(f"; {task}" for task in record["tasks"]) + f"): {record['reason']}")
+        causes = ([] if record["exit_code"] is None else [f"srun exit status {record['exit_code']}"]) + record["tasks"]
+        return f"job {record['job_id']} failed" + (f" ({'; '.join(causes)})" if causes else "") + f": {record['reason']}"
     if kind == "save_failed":
         return f"stopped: {record['message']}"
     if kind == "resume":

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from pipeline.signals import STOP_SIGNALS
 
@@ -127,6 +128,22 @@ class StopRequest:
                 return False, f"not requeued: {err}"
             return False, "not requeued: submitit's handler returned"
         return requeue_job(max_requeues)
+
+
+def requeue_refused(run_dir: Path, attempt: list[dict]) -> str | None:
+    """Why a failed job of run_dir must not start again, from the records its attempt wrote (its `start`
+    record on); None where starting again from the newest checkpoint may help. The same rules on Slurm
+    (pipeline.requeue) and on this machine (the launcher)."""
+    if (run_dir / "report.json").is_file():
+        return "the run had finished"
+    if any(r["_type"] == "diverged" for r in attempt):
+        return "the run diverged (a loss that was not finite): a requeue would diverge again"
+    if any(r["_type"] == "save_failed" for r in attempt):
+        return ("a checkpoint could not be written (its record says where and how much space it needs): a requeue "
+                "would fail on the same disk; free space, then resume")
+    if not any(r["_type"] in ("train_iter", "checkpoint", "eval") for r in attempt):
+        return "this attempt failed before its first step: a requeue would fail the same way"
+    return None
 
 
 def requeue_job(max_requeues: int) -> tuple[bool, str]:
