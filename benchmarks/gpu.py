@@ -175,7 +175,8 @@ def decode(work: Path) -> dict:
     """GPU decoding (decode_full's decoder on CUDA, batches of BATCH), our GPU path, and our CPU loader on every
     core."""
     from pipeline.config import DataConfig
-    from pipeline.data.decode import decode_full_batch, decode_on_device, torchcodec_decode_jpeg
+    from pipeline.data.batched_crop import crop_resize_flip
+    from pipeline.data.decode import _resized_crop, decode_full_batch, decode_on_device, stack, torchcodec_decode_jpeg
     from pipeline.data.manifest import load_index, load_manifest
     from pipeline.data.streams import train_batch, train_stream
     from pipeline.data.workers import loader
@@ -211,6 +212,19 @@ def decode(work: Path) -> dict:
             decode_on_device(batch, gpu_data, cuda, on_corrupt=print)
     torch.cuda.synchronize()
     result["gpu_path_img_s"] = 3 * len(blobs) / (time.perf_counter() - started)  # decode, crop, resize, flip
+    images, first = decode_full_batch(batches[0], cuda), encoded[0]
+    for key, crops in (("gpu_crops_batched_img_s", lambda: crop_resize_flip(images, first.boxes, first.flips, 224)),
+                       ("gpu_crops_one_by_one_img_s", lambda: stack([
+                           _resized_crop(image, 1.0, 1.0, *box, 224).flip(-1) if flip else
+                           _resized_crop(image, 1.0, 1.0, *box, 224)
+                           for image, box, flip in zip(images, first.boxes, first.flips)]))):
+        crops()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            crops()
+        torch.cuda.synchronize()
+        result[key] = 10 * len(images) / (time.perf_counter() - started)
     manifest = load_manifest(shards, "train")
     load_index(manifest)
     workers = os.cpu_count()

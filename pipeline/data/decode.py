@@ -17,6 +17,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import DataConfig
+from pipeline.data.batched_crop import crop_resize_flip
 
 try:  # torchcodec >= 0.16 needs torch >= 2.11: optional (pip install goyal-pipeline[decode]); scripts/install.sh pins it
     from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
@@ -177,7 +178,8 @@ def encoded_batch(items: list[tuple[torch.Tensor, tuple[int, int, int, int], boo
 def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
                      on_corrupt: Callable[[int, Exception], None]) -> tuple[torch.Tensor, list[int]]:
     """uint8 [n, 3, S, S] on the device: the batch's JPEGs decoded there (torchcodec on CUDA: one batched nvJPEG
-    call), each cut to its box, resized and flipped as decode_train does after a full-size decode; and which
+    call), each cut to its box, resized and flipped as decode_train does after a full-size decode (on CUDA all
+    at once, pipeline.data.batched_crop: within one level of the CPU's uint8 resize); and which
     sample each image is. An image that does not decode is reported through on_corrupt(index, error) and
     replaced by a copy of another image of the batch (sources[i] != i: its label must follow)."""
     jpegs = batch.jpegs()
@@ -196,7 +198,10 @@ def decode_on_device(batch: Encoded, cfg: DataConfig, device: torch.device,
         raise ValueError(f"none of the {len(images)} images of a batch decodes; check the shards with "
                          "python -m pipeline.shards verify")
     sources = [i if image is not None else good[i % len(good)] for i, image in enumerate(images)]
-    out = []
+    if device.type == "cuda":  # the whole batch in a fixed number of launches
+        return crop_resize_flip([images[s] for s in sources], [batch.boxes[s] for s in sources],
+                                [batch.flips[s] for s in sources], cfg.image_size), sources
+    out = []  # on the CPU: the loader's own arithmetic, image by image
     for source in sources:
         top, left, h, w = batch.boxes[source]
         crop = _resized_crop(images[source], 1.0, 1.0, top, left, h, w, cfg.image_size)
