@@ -1,3 +1,4 @@
+from pipeline import config
 from pipeline.train import report
 
 
@@ -17,3 +18,19 @@ def test_a_resumed_epoch_counts_once_with_its_later_record():
     first, again = evals([30, 25]), evals([30, 24])  # epoch 1 logged, then trained again after a requeue
     latest = report._latest(first + again[1:], "eval", "epoch")
     assert [r["top1_err"] for r in latest] == [30, 24]
+
+
+def test_the_pictures_lr_line_holds_every_warmup_step_from_base_lr_to_the_peak(tmp_path):
+    """curves.png's lr panel draws the run's schedule from its config.json: every step of the gradual warmup
+    (records every train.log_every steps would show two or three points of it), base_lr to the peak, then the
+    decays."""
+    cfg = config.preset("demo")
+    plan = config.resolve(cfg)
+    config.save_run_config(tmp_path, cfg, plan)
+    epochs, lrs = report.schedule(tmp_path)
+    warmup = lrs[:plan.warmup_steps + 1]
+    assert plan.warmup_steps > cfg.train.log_every and len(lrs) <= 2100
+    assert epochs[:plan.warmup_steps + 1] == [s / plan.steps_per_epoch for s in range(plan.warmup_steps + 1)]
+    assert warmup[0] == cfg.optim.base_lr and warmup[-1] == plan.peak_lr
+    assert all(a < b for a, b in zip(warmup, warmup[1:]))
+    assert lrs[-1] == plan.peak_lr * cfg.schedule.gamma ** len(cfg.schedule.milestones)

@@ -6,7 +6,9 @@ import json
 import statistics
 from pathlib import Path
 
+from pipeline.config import load_run_config
 from pipeline.train import metrics, noise
+from pipeline.train.schedule import lr_at
 
 
 def _latest(records: list[dict], kind: str, key: str) -> list[dict]:
@@ -61,28 +63,42 @@ def epochs_of(evals: list[dict], iters: list[dict]) -> list[float]:
     return [r["step"] / steps_per_epoch for r in iters]
 
 
-def plot(evals: list[dict], iters: list[dict], path: Path) -> None:
+def schedule(run_dir: Path) -> tuple[list[float], list[float]]:
+    """(epochs, lr) of the run's schedule from its config.json: every step of the warmup, then at most about
+    2,000 steps, so that the picture shows the warmup that records every train.log_every steps would skip."""
+    cfg, plan = load_run_config(run_dir)
+    every = max(1, plan.total_steps // 2000)
+    steps = sorted(set(range(min(plan.warmup_steps + 1, plan.total_steps))) | set(range(0, plan.total_steps, every))
+                   | {plan.total_steps - 1})
+    return ([step / plan.steps_per_epoch for step in steps],
+            [lr_at(step, cfg.optim.base_lr, plan, cfg.schedule) for step in steps])
+
+
+def plot(run_dir: Path, evals: list[dict], iters: list[dict], path: Path) -> None:
     """The run's picture, as a PNG at path: what a large-batch run is checked by first (overlay() draws the
     same panels for several runs)."""
-    overlay_runs([("", evals, iters)], path)
+    overlay_runs([("", evals, iters, schedule(run_dir))], path)
 
 
 def overlay(run_dirs: list[Path], path: Path) -> None:
     """The picture of several runs in one PNG at path, a line per run named by its folder."""
-    overlay_runs([(Path(d).name, *history(d)) for d in run_dirs], path)
+    overlay_runs([(Path(d).name, *history(d), schedule(d)) for d in run_dirs], path)
 
 
-def overlay_runs(runs: list[tuple[str, list[dict], list[dict]]], path: Path) -> None:
-    """Three panels against epochs: the learning rate (its warmup and decays), the training error of each
-    record's window against the validation top-1 error (the loss for runs logged before train_err existed),
-    and images/s with the share of time rank 0 waited for data."""
+def overlay_runs(runs: list[tuple[str, list[dict], list[dict], tuple[list[float], list[float]]]], path: Path) -> None:
+    """Three panels against epochs: the learning rate (the schedule's line, its warmup and decays, and the
+    rate each record logged as dots), the training error of each record's window against the validation top-1
+    error (the loss for runs logged before train_err existed), and images/s with the share of time rank 0
+    waited for data."""
     plt = pyplot()
     fig, (ax_lr, ax_err, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_wait = ax_speed.twinx()
-    for number, (name, evals, iters) in enumerate(runs):
+    for number, (name, evals, iters, (lr_epochs, lrs)) in enumerate(runs):
         color, label = f"C{number}", f"{name}: " if name else ""
         epochs = epochs_of(evals, iters)
-        ax_lr.plot(epochs, [r["lr"] for r in iters], color=color, label=name or None)
+        ax_lr.plot(lr_epochs, lrs, color=color, label=f"{label}schedule")
+        ax_lr.plot(epochs, [r["lr"] for r in iters], color=color, marker=".", linestyle="none",
+                   label=f"{label}logged")
         key = "train_err" if iters and all("train_err" in r for r in iters) else "loss"
         ax_err.plot(epochs, [r[key] for r in iters], color=color, alpha=0.6,
                     label=f"{label}training {'error' if key == 'train_err' else 'loss'}")
@@ -99,8 +115,7 @@ def overlay_runs(runs: list[tuple[str, list[dict], list[dict]]], path: Path) -> 
     ax_err.legend(fontsize="small")
     handles = [h for ax in (ax_speed, ax_wait) for h in ax.get_legend_handles_labels()[0]]
     ax_speed.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="lower right")
-    if len(runs) > 1:
-        ax_lr.legend(fontsize="small")
+    ax_lr.legend(fontsize="small")
     for ax in (ax_lr, ax_err, ax_speed):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -126,7 +141,7 @@ def write(run_dir: Path) -> str:
     evals, iters = history(run_dir)
     summary = summarize(evals, iters)
     (Path(run_dir) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(evals, iters, Path(run_dir) / "curves.png")
+    plot(run_dir, evals, iters, Path(run_dir) / "curves.png")
     return describe(summary, run_dir)
 
 
