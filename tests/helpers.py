@@ -97,13 +97,15 @@ def weight_names(state: dict) -> list[str]:
     return [k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
-def start_cpu_rank(rank: int, world: int, port: int):
-    """One rank of a multi-process test: the environment torch.distributed reads, then the pipeline's own
-    init_distributed on gloo, which keeps the rank and DeepSpeed's engine on the CPU even where GPUs are
+def start_rank(rank: int, world: int, port: int, cfg: config.Config | None = None):
+    """One rank of a multi-process test, started as a job's rank starts: the environment torch.distributed
+    reads (what submitit exports on a cluster), then the pipeline's own init_distributed with cfg. Without
+    cfg: the demo's config on gloo, which keeps the rank and DeepSpeed's engine on the CPU even where GPUs are
     visible (the rank's local rank would otherwise pick a GPU that may not exist). Returns the device."""
     from pipeline.train import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    cfg = config.apply_overrides(config.preset("demo"), [f"cluster.gpus_per_node={world}", "cluster.backend=gloo"])
+    if cfg is None:
+        cfg = config.apply_overrides(config.preset("demo"), [f"cluster.gpus_per_node={world}", "cluster.backend=gloo"])
     return distributed.init_distributed(cfg)

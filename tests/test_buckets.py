@@ -1,7 +1,6 @@
 """Our overlapped bucketed allreduce (pipeline.train.buckets) against DeepSpeed's own stage-0 allreduce, on real
 DeepSpeed engines in real processes (gloo)."""
 
-import os
 import statistics
 
 import deepspeed
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 from pipeline.train import buckets
 from torch.utils.checkpoint import checkpoint
 
-from helpers import pick_port, start_cpu_rank
+from helpers import pick_port, start_rank
 
 MICRO = 4
 # Bucket sizes in elements: one parameter per bucket, sizes that cut no parameter boundary evenly, one bucket.
@@ -79,7 +78,7 @@ def reduced_gradients(engine, reducer, rank: int, accum: int) -> tuple[list[torc
 
 
 def rank_main(rank, world, port, out_dir):
-    start_cpu_rank(rank, world, port)
+    start_rank(rank, world, port)
     results = {}
     for accum in (1, 2):
         for comm in ("fp32", "bf16"):
@@ -169,7 +168,7 @@ def test_configurations_that_would_see_unreduced_gradients_are_refused(tmp_path)
 
 
 def refusal_main(rank, port, out_dir):
-    start_cpu_rank(0, 1, port)
+    start_rank(0, 1, port)
     net = Odd()
     ds_config = {"train_batch_size": MICRO, "gradient_clipping": 1.0, "steps_per_print": 10**6,
                  "zero_optimization": {"stage": 0, "overlap_comm": True}}
@@ -191,13 +190,11 @@ def test_engine_in_channels_last_starts_on_several_ranks(tmp_path):
 def demo_engine(rank: int, port: int, overrides: list[str], channels_last: bool = False):
     """Rank `rank` of the demo's 2 ranks, started as pipeline.train.loop starts one; its engine and config."""
     from pipeline import config, dsconfig
-    from pipeline.train import distributed, engine, model
+    from pipeline.train import engine, model
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), overrides)
     plan = config.resolve(cfg)
-    distributed.init_distributed(cfg)
+    start_rank(rank, 2, port, cfg)
     torch.manual_seed(0)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
                                     channels_last=channels_last)
@@ -235,7 +232,7 @@ def test_misuse_is_refused_naming_the_parameter_and_no_sync_is_honoured(tmp_path
 
 
 def misuse_main(rank, port, out_dir):
-    start_cpu_rank(rank, 2, port)
+    start_rank(rank, 2, port)
     gen = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(MICRO, 3, 9, 9, generator=gen), torch.randint(0, 7, (MICRO,), generator=gen))
                for _ in range(2)]

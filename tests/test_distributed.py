@@ -1,6 +1,5 @@
 """Real DeepSpeed engines on real processes (gloo): data parallelism equals one big batch."""
 
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from pipeline.data import streams, workers
 from pipeline.data.manifest import load_manifest
 from pipeline.train import distributed, engine, loop, model
 
-from helpers import GOLDEN_8K
+from helpers import GOLDEN_8K, start_rank
 
 WORLD = 2
 STEPS = 2
@@ -32,10 +31,8 @@ def batches(cfg, rank, world):
 
 def start_engine(cfg, rank, world, port):
     """A real DeepSpeed engine on rank `rank` of `world` processes (gloo), model seeded with 0."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     plan = config.resolve(cfg)
-    distributed.init_distributed(cfg)
+    start_rank(rank, world, port, cfg)
     torch.manual_seed(0)
     return engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
 
@@ -137,9 +134,8 @@ def schedule_main(rank, port, out_dir):
     """The 8k plan (kn=8192, 156 steps/epoch) in one process, a tiny model, every optimizer step of 90 epochs."""
     cfg = config.apply_overrides(config.preset("goyal_r50_bs8k"), [
         "cluster.nodes=1", "cluster.gpus_per_node=1", "train.micro_batch=8192", "cluster.cpus_per_task=1"])
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + 3))
     plan = config.resolve(cfg)
-    distributed.init_distributed(cfg)
+    start_rank(0, 1, port + 3, cfg)
     ds_engine = engine.build_engine(torch.nn.Linear(2, 2), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     x, lrs = torch.zeros(1, 2), []
     for _ in range(plan.total_steps):
@@ -189,10 +185,8 @@ def silent_rank_main(rank, port, out):
 
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), ["cluster.collective_timeout_s=2"])
-    distributed.init_distributed(cfg)
+    start_rank(rank, 2, port, cfg)
     if rank == 1:
         while not out.exists():
             time.sleep(0.1)

@@ -5,11 +5,11 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import pick_port
+from helpers import pick_port, start_rank
 
 from pipeline import config, dsconfig
 from pipeline.data import streams
-from pipeline.train import distributed, engine, loop, metrics, model, preempt
+from pipeline.train import engine, loop, metrics, model, preempt
 
 
 def plan_of(cfg):
@@ -258,11 +258,10 @@ def test_hit_counts_counts_top1_top5_and_images():
 
 def data_wait_rank(rank: int, port: int, out, pause: float) -> None:
     """One rank training 6 steps of the demo's model on batches that take `pause` seconds each to arrive."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
                                                          "train.log_every=3"])
     plan = config.resolve(cfg)
-    device = distributed.init_distributed(cfg)
+    device = start_rank(0, 1, port, cfg)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
 
     def batches():
@@ -293,11 +292,10 @@ def test_progress_records_carry_the_share_of_time_spent_waiting_for_data(tmp_pat
 def train_error_rank(rank: int, port: int, out, images: torch.Tensor, labels: torch.Tensor) -> None:
     """One rank training 4 steps of 8 images (two records of 2 steps) at an lr too small to change a
     prediction."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
                                                          "train.log_every=2", "optim.base_lr=1e-12"])
     plan = config.resolve(cfg)
-    device = distributed.init_distributed(cfg)
+    device = start_rank(0, 1, port, cfg)
     torch.manual_seed(0)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     batches = [streams.Batch(images[i * 8:(i + 1) * 8], labels[i * 8:(i + 1) * 8], [], 0) for i in range(4)]
@@ -332,12 +330,11 @@ def decode_mode_rank(rank: int, port: int, shard_dir, mode: str, out) -> None:
     """Six steps of the demo's model on one rank from the real shards, decoding with data.decode=mode."""
     from pipeline.data.manifest import load_manifest
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), [
         "cluster.gpus_per_node=1", "train.micro_batch=8", "train.log_every=1000", f"data.shards={shard_dir}",
         "data.train_samples=240", "data.val_samples=70", "data.workers=0", f"data.decode={mode}"])
     plan = config.resolve(cfg)
-    device = distributed.init_distributed(cfg)
+    device = start_rank(0, 1, port, cfg)
     torch.manual_seed(cfg.train.seed)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     stream = streams.train_stream(load_manifest(shard_dir, "train"), cfg.data, 8, 6, 0, 1, 1, cfg.train.seed)
@@ -391,11 +388,10 @@ def sync_count_rank(rank: int, port: int, out) -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=1", "train.micro_batch=8",
                                                          "train.log_every=1000", "train.grad_accum=2"])
     plan = config.resolve(cfg)
-    device = distributed.init_distributed(cfg)
+    device = start_rank(0, 1, port, cfg)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     batches = [streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)),
                              [], 0) for _ in range(14)]
@@ -429,7 +425,6 @@ def compiled_rank(rank: int, port: int, out) -> None:
     """Three steps of the demo's model from one initialisation on fixed batches, eager and compiled, on the
     rank's device (NCCL and cuda:0 where a GPU is visible, else gloo and the CPU): the batches go where the
     engine's model is."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.manual_seed(0)
     batches = [streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)),
                              [], 0) for _ in range(3)]
@@ -439,7 +434,7 @@ def compiled_rank(rank: int, port: int, out) -> None:
                                                              "train.log_every=1", f"train.compile={compiled}",
                                                              "cluster.backend=auto"])
         plan = config.resolve(cfg)
-        device = device or distributed.init_distributed(cfg)  # torch.distributed once; both runs on its device
+        device = device or start_rank(0, 1, port, cfg)  # torch.distributed once; both runs on its device
         torch.manual_seed(0)
         ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan),
                                         channels_last=device.type == "cuda")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pipeline.train import buckets, noise
 
-from helpers import pick_port, start_cpu_rank
+from helpers import pick_port, start_rank
 
 SAMPLES, DIM, MICRO, STEPS = 4096, 8, 8, 1500
 
@@ -60,7 +60,7 @@ def measure(rank: int, world: int, accum: int) -> dict:
 
 
 def rank_main(rank: int, world: int, accum: int, port: int, out) -> None:
-    start_cpu_rank(rank, world, port)
+    start_rank(rank, world, port)
     result = measure(rank, world, accum)
     if rank == 0:
         torch.save(result, out)

@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import pick_port
+from helpers import pick_port, start_rank
 from pipeline.train import preempt
 
 WORLD = 3
@@ -18,8 +18,7 @@ SIGNALLED_RANK, SIGNALLED_AT = 2, 5
 
 
 def agree_main(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_rank(rank, WORLD, port)
     stop = preempt.StopRequest().install()
     polls = []
     for step in range(1, 20):
@@ -155,11 +154,10 @@ def full_disk_rank(rank: int, port: int, run_dir, out) -> None:
     barriers) failing with ENOSPC."""
     import errno
 
-    from helpers import start_cpu_rank
     from pipeline import config, dsconfig
     from pipeline.train import checkpoint, engine, model
 
-    start_cpu_rank(rank, 2, port)
+    start_rank(rank, 2, port)
     cfg = config.apply_overrides(config.preset("demo"), ["cluster.gpus_per_node=2", "train.micro_batch=4"])
     plan = config.resolve(cfg)
     torch.manual_seed(0)

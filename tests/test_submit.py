@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, pick_port, run_here, run_module, truncate_sample, weight_names
+from helpers import SMALL, pick_port, run_here, run_module, start_rank, truncate_sample, weight_names
 
 from pipeline import config
 from pipeline.shards import index
 from pipeline.submit import main as submit_main
-from pipeline.train import checkpoint, distributed, engine, metrics, model, schedule, tags
+from pipeline.train import checkpoint, engine, metrics, model, schedule, tags
 
 
 def submit(*args, cwd=None):
@@ -169,7 +169,7 @@ def test_auto_refuses_when_srun_is_there_but_no_slurm_controller_answers(tmp_pat
     """A login node with Slurm's clients but a controller that is down (here: a slurm.conf naming a port
     nobody listens on, or no scontrol at all): one error with Slurm's words and both ways out, before anything
     is written, instead of starting a cluster's ranks on the login node (or sbatch's traceback)."""
-    from pipeline.launch.prepare import choose_cluster
+    from pipeline.launch.checks import choose_cluster
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
@@ -313,9 +313,8 @@ def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the
 
 def resume_one_rank(rank: int, port: int, run_dir, tag: str, out) -> None:
     """One rank loading a checkpoint its 2 ranks wrote: what every rank of a smaller run starts from."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg, plan = config.load_run_config(run_dir)
-    distributed.init_distributed(cfg)
+    start_rank(0, 1, port, cfg)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan,
                                     json.loads((run_dir / "ds_config.json").read_text()))
     (run_dir / "checkpoints" / "latest").write_text(tag)
