@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from pipeline.launch import options
-from pipeline.launch.prepare import choose_cluster
+from pipeline.launch.checks import choose_cluster
 from pipeline.study import execute, table
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.launch import options, status, submission
-from pipeline.launch.prepare import check_local_capacity, choose_cluster
+from pipeline.launch.checks import check_local_capacity, choose_cluster
 from pipeline.scaling.model import PAPER, PRESETS
 from pipeline.train import report
 

@@ -114,7 +114,7 @@ def test_submit_on_slurm_runs_every_rank_and_status_shows_the_job(reference):
 
 def test_auto_picks_slurm_where_it_answers_and_a_refusal_is_one_sentence_with_the_way_out(slurm, shard_dir,
                                                                                          tmp_path):
-    from pipeline.launch.prepare import choose_cluster
+    from pipeline.launch.checks import choose_cluster
 
     assert choose_cluster("auto") == "slurm"
     refused = submit("--cluster", "slurm", "--partition", "nosuch", "--run-dir", str(tmp_path / "refused"),

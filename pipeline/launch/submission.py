@@ -21,8 +21,9 @@ from pipeline.launch import sbatch, status
 from pipeline.launch.jobs import TrainJob
 from pipeline.launch.local_task import how_it_ended
 from pipeline.launch.options import preset_name, requeue_limit, sweep_overrides
-from pipeline.launch.prepare import (Run, check_paths, check_shards, make_demo_data, make_executor,
-                                     makes_demo_data, prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
+from pipeline.launch.checks import check_paths, check_shards
+from pipeline.launch.executor import failed, job_error, make_executor, stop_local_job, submit_jobs
+from pipeline.launch.run import Run, make_demo_data, makes_demo_data, prepare_run_dir, resolve_run
 from pipeline.scaling import model as scaling
 from pipeline.train import metrics, model, preempt, report, tags
 
@@ -111,9 +112,8 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
             print(f"follow it with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
             return 0
         interrupted = follow(job, run_dir, earlier, local=executor.cluster == "local")
-        try:
-            job.results()
-        except submitit.core.utils.FailedJobError as err:
+        error = job_error(job)
+        if error:
             if interrupted:  # the stop record's line said where it stopped
                 print(f"rerun the same command with --run-dir {shlex.quote(str(run_dir))} to resume", file=sys.stderr)
                 return 130
@@ -121,9 +121,8 @@ def submit_run(args: argparse.Namespace, run: Run, options: dict) -> int:
             if executor.cluster == "local" and restart_local(job, run_dir, earlier, dead, restarts,
                                                              requeue_limit(args, "local")):
                 continue
-            print("error: the job failed: " + "".join(f"{rank}; " for rank in dead) + ("then " if dead else "")
-                  + failure(err)
-                  + f"\nthe ranks' logs, tracebacks included, are in {run_dir / 'submitit'}"
+            print(failed("the job", "".join(f"{rank}; " for rank in dead) + ("then " if dead else "") + error,
+                         run_dir / "submitit")
                   + (f"\nresume it with: python -m pipeline.submit --run-dir {shlex.quote(str(run_dir))}"
                      if tags.latest_tag(run_dir) else ""), file=sys.stderr)
             return 1
@@ -156,14 +155,6 @@ def dead_ranks(job: submitit.Job, cfg) -> list[str]:
             if not JobPaths(job.paths.folder, job_id=job.job_id, task_id=rank).result_pickle.exists()]
 
 
-def failure(err: Exception) -> str:
-    """The exception a failed job ended with ("NoCheckpointLoads: no checkpoint of ... loads: ..."), from the
-    trace submitit wraps between two dashed lines; else the error's last line."""
-    parts = str(err).split("----------------------\n")
-    lines = (parts[1] if len(parts) >= 3 else str(err)).strip().splitlines()
-    return lines[-1].strip() if lines else type(err).__name__
-
-
 def submit_sweep(args: argparse.Namespace, runs: list[Run], run_dir: Path, options: dict) -> int:
     """Every run of a sweep as one job array (all runs share the cluster settings); sweep.json lists them."""
     executor = make_executor(args, runs[0].cfg, run_dir / "submitit", run_dir.name, options)
@@ -178,15 +169,15 @@ def submit_sweep(args: argparse.Namespace, runs: list[Run], run_dir: Path, optio
     if executor.cluster == "slurm" and not args.wait:
         print(f"follow them with: python -m pipeline.submit --status {shlex.quote(str(run_dir))}")
         return 0
-    failed = 0
+    errors = 0
     for run, job in zip(runs, jobs):
-        try:
-            job.results()
+        error = job_error(job)
+        if error:
+            print(failed(run.run_dir.name, error, run_dir / "submitit"), file=sys.stderr)
+            errors += 1
+        else:
             print(f"{run.run_dir.name}: {report.read(run.run_dir)}")
-        except submitit.core.utils.FailedJobError as err:
-            print(f"error: {run.run_dir.name} failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 def prediction(hw: scaling.Hardware, run: Run) -> str:

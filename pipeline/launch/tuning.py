@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import submitit
-
 from pipeline.launch import options
 from pipeline.launch.jobs import TuneJob
-from pipeline.launch.prepare import check_paths, choose_cluster, make_executor, prepare_run_dir, resolve_run, submit_jobs
+from pipeline.launch.checks import check_paths, choose_cluster
+from pipeline.launch.executor import failed, job_error, make_executor, submit_jobs
+from pipeline.launch.run import prepare_run_dir, resolve_run
 
 DEFAULT_SIZES = "1000000,2000000,6553600,13107200,26214400,100000000"
 
@@ -57,10 +57,9 @@ def launch(args: argparse.Namespace) -> int:
     if executor.cluster == "slurm" and not args.wait:
         print(f"when it ends, its table is in {shlex.quote(str(run_dir / 'submitit'))}/{job.job_id}_0_log.out")
         return 0
-    try:
-        result = job.results()[0]
-    except submitit.core.utils.FailedJobError as err:
-        print(f"error: the job failed; rank logs in {run_dir / 'submitit'}\n{err}", file=sys.stderr)
+    error = job_error(job)
+    if error:
+        print(failed("the tuning job", error, run_dir / "submitit"), file=sys.stderr)
         return 1
-    print(result["table"])
+    print(job.results()[0]["table"])
     return 0

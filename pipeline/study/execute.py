@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import submitit
-
 from pipeline import config
 from pipeline.launch import status, submission
 from pipeline.launch.jobs import TrainJob
-from pipeline.launch.prepare import (HOLDOUT_SHARDS, Run, job_config, make_executor, makes_demo_data,
-                                     prepare_run_dir, resolve_run, stop_local_job, submit_jobs)
+from pipeline.launch.executor import job_error, make_executor, stop_local_job, submit_jobs
+from pipeline.launch.run import HOLDOUT_SHARDS, Run, job_config, makes_demo_data, prepare_run_dir, resolve_run
 from pipeline.shards.demo import HOLDOUT
 from pipeline.study import design, figures, table
 from pipeline.train import metrics, report
@@ -161,15 +159,14 @@ def train_locally(args: argparse.Namespace, runs: list[Run], options: dict, core
                 active.remove((run, job))
                 done = total - len(queue) - len(active)
                 eta = (time.time() - started) / done * (total - done)
-                try:
-                    job.results()
+                error = job_error(job)
+                if error is None:
                     outcome = report.read(run.run_dir)
-                except submitit.core.utils.FailedJobError as err:
-                    if table.run_state(run.run_dir) == "diverged":  # a result of the study, not a failure
-                        outcome = "diverged (a loss that was not finite): the table counts it as such"
-                    else:
-                        failed.append(run.run_dir.name)
-                        outcome = f"FAILED ({submission.failure(err)}); rank logs in {run.run_dir / 'submitit'}"
+                elif table.run_state(run.run_dir) == "diverged":  # a result of the study, not a failure
+                    outcome = "diverged (a loss that was not finite): the table counts it as such"
+                else:
+                    failed.append(run.run_dir.name)
+                    outcome = f"FAILED ({error}); rank logs in {run.run_dir / 'submitit'}"
                 print(f"[{done}/{total}] {run.run_dir.name}: {outcome}; study {metrics.duration(time.time() - started)}"
                       f", about {metrics.duration(eta)} to go", flush=True)
     except KeyboardInterrupt:
