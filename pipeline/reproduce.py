@@ -60,20 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return reproduce(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return options.run_command(reproduce, parse_args(argv))
 
 
 def reproduce(args: argparse.Namespace) -> int:
     """Everything main() does; bad input raises before anything is written or run."""
     if args.parallel is not None and args.parallel < 1:
         raise ValueError(f"--parallel {args.parallel} must be at least 1")
-    options.check_slurm_args(args)
-    sbatch_options = options.sbatch_options(args)
+    sbatch_options = options.checked_sbatch_options(args)
     study, runs = execute.plan(args)
     if args.dry_run:
         for run in runs:

@@ -55,12 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return launch(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return options.run_command(launch, parse_args(argv))
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -84,8 +79,7 @@ def launch(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.dry_run:
         raise ValueError("--json only applies to --dry-run")
-    options.check_slurm_args(args)
-    sbatch_options = options.sbatch_options(args)
+    sbatch_options = options.checked_sbatch_options(args)
     run_dir, runs, sweep = submission.resolve_runs(args)
     if args.dry_run:
         return submission.dry_run(args, run_dir, runs, sweep)

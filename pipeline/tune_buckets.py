@@ -34,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="write the tuned DeepSpeed JSON here (default RUN_DIR/ds_config_tuned.json)")
     parser.add_argument("--wait", action="store_true", help="on Slurm, wait for the job and print its table")
-    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
-    try:
-        return tuning.launch(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return options.run_command(tuning.launch, parser.parse_intermixed_args(argv))  # key=value overrides anywhere
 
 
 if __name__ == "__main__":

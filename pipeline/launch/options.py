@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import sys
+import typing
 
 from pipeline import config
 from pipeline.launch import sbatch
@@ -100,6 +102,22 @@ def sbatch_options(args: argparse.Namespace) -> dict[str, str | bool]:
     for key, value in options.items():
         sbatch.directive(key, value)  # raises on a value an #SBATCH line cannot hold
     return options
+
+
+def run_command(body: typing.Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """body(args), the whole of a command line's work; bad input (raised before anything is written or
+    submitted) ends it with one `error: ...` line and exit status 2, not a traceback."""
+    try:
+        return body(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def checked_sbatch_options(args: argparse.Namespace) -> dict[str, str | bool]:
+    """The Slurm flags checked (check_slurm_args), then the job's sbatch options (sbatch_options)."""
+    check_slurm_args(args)
+    return sbatch_options(args)
 
 
 def check_slurm_args(args: argparse.Namespace) -> None:

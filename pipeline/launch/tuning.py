@@ -35,8 +35,7 @@ def launch(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", args.steps), ("--rounds", args.rounds)):
         if value < 1:
             raise ValueError(f"{flag} {value} must be at least 1")
-    options.check_slurm_args(args)
-    sbatch_options = options.sbatch_options(args)
+    sbatch_options = options.checked_sbatch_options(args)
     run_dir = (args.run_dir or Path("runs") / f"tune-{options.preset_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run = resolve_run(args, args.overrides, run_dir)
     cfg = run.cfg
