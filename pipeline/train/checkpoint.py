@@ -16,6 +16,7 @@ import json
 import pickle
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,26 @@ from pipeline.config import RESUME_KEYS, differences
 from pipeline.train.distributed import is_primary
 from pipeline.train.tags import (COMPLETE, DAMAGED, MANIFEST, check, complete_tags, directory, fsync, manifest,
                                  prune, set_aside, write_durably)
+
+
+class Clock:
+    """When the next periodic checkpoint is due (train.checkpoint_every_min, so that a crash without a warning
+    loses at most that much). Each rank's own clock goes into the stop flags' allreduce
+    (pipeline.train.preempt.StopRequest.poll, one step late like the signals), so that every rank saves after
+    the same step: `due` is what the ranks agreed."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s  # 0: no periodic checkpoints
+        self.due = False
+        self._last = time.monotonic()
+
+    def due_here(self) -> bool:
+        """This rank's clock says a checkpoint is due."""
+        return bool(self.every_s) and time.monotonic() - self._last >= self.every_s
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the next periodic one is due every_s from now."""
+        self._last, self.due = time.monotonic(), False
 
 
 def _rank_file(tag_dir: Path, rank: int) -> Path:

@@ -138,7 +138,7 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
     optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
     stop (a signal, or a loss that was not finite: stop.diverged_at) before the epoch's end; the last step
     of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen. `save(tag)`
-    writes the periodic checkpoints (train.checkpoint_every_min) at the step the ranks agreed on."""
+    writes the periodic checkpoints (train.checkpoint_every_min) when stop.clock says the ranks agreed on one."""
     engine.train()
     corrupt, stopped = 0, False
     last_step = (epoch + 1) * plan.steps_per_epoch
@@ -189,9 +189,9 @@ def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, lo
         if step < last_step and stop.poll(device, step):
             stopped = True
             break
-        if stop.save_due and step < last_step and save is not None and stop.diverged_at is None:
+        if save is not None and stop.clock.due and step < last_step and stop.diverged_at is None:
             log.write("checkpoint", step=step, tag=save(f"step-{step:07d}"), reason="periodic")
-            stop.saved()
+            stop.clock.saved()
     total = torch.tensor(corrupt, dtype=torch.int64, device=device)
     dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
     return int(total), stopped
@@ -279,7 +279,7 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
             log.write("save_failed", step=engine.global_steps, tag=tag, message=str(err))
             raise
 
-    stop.save_every_s = cfg.train.checkpoint_every_min * 60
+    stop.clock = checkpoint.Clock(cfg.train.checkpoint_every_min * 60)
     resumed = checkpoint.resume(engine, run_dir, config_dict)
     epoch, step_in_epoch, skipped = 0, 0, []
     if resumed:
@@ -335,7 +335,7 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         epoch += 1
         step_in_epoch = 0
         tag = save_checkpoint(f"epoch-{epoch:03d}")
-        stop.saved()
+        stop.clock.saved()
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                            train_corrupt=corrupt, epoch_s=time.time() - epoch_start,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from pipeline.signals import STOP_SIGNALS
@@ -18,23 +17,17 @@ ATTEMPT = "pipeline.requeue: attempt"
 
 
 class StopRequest:
-    """Records SIGUSR2/SIGTERM instead of dying of them, whether every loss was finite, and whether a
-    periodic checkpoint is due; the ranks agree on a stop step, and on the step of a periodic checkpoint,
-    with `poll`."""
+    """Records SIGUSR2/SIGTERM instead of dying of them and whether every loss was finite; the ranks agree on
+    a stop step with `poll`, whose allreduce also carries the periodic checkpoints' clock (its own, in
+    pipeline.train.checkpoint.Clock), so that they agree on the step of a periodic checkpoint too."""
 
     def __init__(self):
         self.received: str | None = None  # name of the first signal caught on this rank
         self.previous: dict[int, object] = {}  # the handlers ours replaced (submitit's, in its jobs)
         self.diverged_at: int | None = None  # a step by which some rank's loss was not finite
-        self.save_due = False  # every rank: some rank's clock says a periodic checkpoint is due (read by poll)
-        self.save_every_s = 0.0  # seconds between periodic checkpoints; 0: none
-        self._last_save = time.monotonic()
+        self.clock = None  # the periodic checkpoints' clock (pipeline.train.checkpoint.Clock), read by poll
         self._finite = None  # on the device: every loss noted so far was finite
         self._pending = None  # (work, flag, step, its host copy on CUDA) of the allreduce started by the last poll
-
-    def saved(self) -> None:
-        """A checkpoint was just written: the next periodic one is due save_every_s from now."""
-        self._last_save, self.save_due = time.monotonic(), False
 
     def install(self) -> StopRequest:
         """Catch the stop signals from now on. In a submitit job this replaces submitit's handler, which
@@ -68,7 +61,8 @@ class StopRequest:
         if self._pending is not None:
             signalled, diverged, due = self._read_pending()
             stop = bool(signalled or diverged)
-            self.save_due = self.save_due or bool(due)
+            if due and self.clock is not None:
+                self.clock.due = True
         # Filled on the device (no copy from the host): [a signal here, a loss that was not finite here, a
         # periodic checkpoint due by this rank's clock]
         flag = torch.zeros(3, dtype=torch.int32, device=device)
@@ -76,7 +70,7 @@ class StopRequest:
             flag[0] = 1
         if self._finite is not None:
             flag[1] = (~self._finite).to(torch.int32)
-        if self.save_every_s and time.monotonic() - self._last_save >= self.save_every_s:
+        if self.clock is not None and self.clock.due_here():
             flag[2] = 1
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)  # all_reduce: any rank's flags
         copy = None
