@@ -214,8 +214,10 @@ class IndexedTrainStream(torch.utils.data.IterableDataset):
 
 def train_stream(manifest: Manifest, cfg: DataConfig, batch_size: int, num_batches: int, rank: int,
                  world_size: int, grad_accum: int, seed: int) -> TrainStream | IndexedTrainStream:
-    """A rank's training stream in the access mode the config asks for (config.loader_mode)."""
+    """A rank's training stream in the access mode the config asks for (config.loader_mode: decided here
+    only). Indexed: the sample index's hash is checked here, once, and the workers map it unchecked."""
     if loader_mode(cfg) == "indexed":
+        load_index(manifest)
         return IndexedTrainStream(manifest, cfg, batch_size, num_batches, rank, world_size, grad_accum, seed)
     return TrainStream(manifest, cfg, batch_size, num_batches, rank, world_size, seed)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config, Plan, load_run_config, loader_mode, to_dict
+from pipeline.config import Config, Plan, load_run_config, to_dict
 from pipeline.data.decode import Encoded, decode_on_device, normalize
-from pipeline.data.manifest import load_index, load_manifest
+from pipeline.data.manifest import load_manifest
 from pipeline.data.streams import Batch, EvalStream, train_stream
 from pipeline.data.workers import loader
 from pipeline.train import checkpoint, metrics, model, noise, preempt, report, tags
@@ -212,9 +212,7 @@ def end_after_divergence(engine, cfg: Config, plan: Plan, stop: preempt.StopRequ
     step = stop.diverged_at or engine.global_steps
     lr = lr_at(step - 1, cfg.optim.base_lr, plan, cfg.schedule)
     good = tags.latest_tag(run_dir)
-    record = log.write("diverged", step=step, lr=lr, checkpoint=good)
-    if is_primary():
-        print(metrics.progress_line(record), flush=True)
+    log.announce("diverged", step=step, lr=lr, checkpoint=good)
     raise Diverged(f"the loss was not finite (nan or inf) by step {step}, at lr {lr:g}: the run diverged and was "
                    f"stopped; {f'checkpoint {good} is the newest good one' if good else 'it has no checkpoint'}. "
                    "Lower optim.base_lr or lengthen schedule.warmup_epochs, and start a new run folder")
@@ -227,10 +225,8 @@ def end_after_stop(engine, stop: preempt.StopRequest, tag: str, max_requeues: in
     requeued, message = stop.requeue(max_requeues) if is_primary() else (False, "")
     flag = torch.tensor([requeued], dtype=torch.int32, device=device)
     dist.all_reduce(flag)  # all_reduce: rank 0's outcome -> every rank
-    record = log.write("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
-                       requeued=bool(flag.item()), message=message)
-    if is_primary():
-        print(metrics.progress_line(record), flush=True)
+    log.announce("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
+                 requeued=bool(flag.item()), message=message)
     if flag.item():
         raise SystemExit(-1)  # no result is recorded: the requeued job finishes the run
     raise Stopped(f"stopped after step {engine.global_steps} ({stop.received or 'a signal on another rank'}); "
@@ -297,15 +293,10 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         if engine.bucketed_allreduce and engine.bucketed_allreduce.meter:  # the noise scale's smoothing goes on
             engine.bucketed_allreduce.meter.restore(next((r for r in reversed(iters)
                                                           if r["step"] <= engine.global_steps), None))
-        record = log.write("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
-                           skipped=skipped,
-                           ranks_before=ranks_before,
-                           superseded_steps=[engine.global_steps + 1, max(redone)] if redone else None)
-        if is_primary():
-            print(metrics.progress_line(record), flush=True)
+        log.announce("resume", checkpoint=tag, epoch=epoch, step=engine.global_steps, ranks=plan.world_size,
+                     skipped=skipped, ranks_before=ranks_before,
+                     superseded_steps=[engine.global_steps + 1, max(redone)] if redone else None)
     rank, world, pin = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
-    if loader_mode(cfg.data) == "indexed":
-        load_index(train_manifest)  # its hash, once; the workers map it unchecked
     stream = train_stream(train_manifest, cfg.data, cfg.train.micro_batch, plan.steps_per_epoch * cfg.train.grad_accum,
                           rank, world, cfg.train.grad_accum, cfg.train.seed)
     train_batches = loader(stream, cfg.data, pin)
@@ -337,11 +328,9 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
         tag = save_checkpoint(f"epoch-{epoch:03d}")
         stop.clock.saved()
         per_epoch = (time.time() - started) / (epoch - first_epoch)
-        record = log.write("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
-                           train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
-                           eta_s=per_epoch * (cfg.schedule.epochs - epoch))
-        if is_primary():
-            print(metrics.progress_line(record), flush=True)
+        log.announce("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
+                     train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
+                     eta_s=per_epoch * (cfg.schedule.epochs - epoch))
         if epoch < cfg.schedule.epochs and stop.settle(device):
             end_after_stop(engine, stop, tag, max_requeues, device, log)
     dist.barrier()

@@ -46,6 +46,15 @@ class MetricsLog:
         return record
 
 
+    def announce(self, _type: str, **fields) -> dict:
+        """write(), and its progress line on the primary's stdout: the one place a rank prints its progress
+        (a run's resume, evaluations, a stop, a divergence)."""
+        record = self.write(_type, **fields)
+        if self.enabled:
+            print(progress_line(record), flush=True)
+        return record
+
+
 def read(path: Path) -> list[dict]:
     """Every complete record of a metrics file (a half-written last line is ignored)."""
     records = []
