@@ -117,6 +117,7 @@ def max_difference(ours: list, theirs: list) -> float:
 
 @pytest.mark.parametrize("accum", [1, 2])
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.slow
 def test_bucketed_gradients_equal_deepspeeds_own(gradients, accum, size):
     """Same gradients as DeepSpeed's stage 0 on every rank, whatever the bucket size, with accumulation,
     and with parameters that have no gradient on some ranks and steps, or on none."""
@@ -300,6 +301,7 @@ def misuse_main(rank, port, out_dir):
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_a_cpu_rank_reuses_freed_memory_from_step_to_step(tmp_path):
     """Our buckets keep their buffers, so glibc's thresholds never rise as they do when DeepSpeed frees
     its flat gradient copy each step: without distributed.keep_freed_memory, a demo step returned its

@@ -80,6 +80,7 @@ def reference_step(cfg):
     return net.state_dict(), opt.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_parameters(two_rank_result):
     a, b = (r["state"] for r in two_rank_result)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -145,6 +146,7 @@ def schedule_main(rank, port, out_dir):
     torch.save({"lrs": lrs, "plan": plan}, out_dir / "schedule.pt")
 
 
+@pytest.mark.slow
 def test_golden_8k_schedule_through_the_engine(tmp_path, free_port):
     mp.start_processes(schedule_main, args=(free_port, tmp_path), nprocs=1, start_method="spawn")
     result = torch.load(tmp_path / "schedule.pt", weights_only=False)
@@ -172,6 +174,7 @@ def bf16_main(rank, shard_dir, port, out_dir):
     torch.save({"seen": seen, "weights": weights, "steps": ds_engine.global_steps}, out_dir / "bf16.pt")
 
 
+@pytest.mark.slow
 def test_bf16_runs_convolutions_in_bf16_on_fp32_weights(shard_dir, tmp_path, free_port):
     mp.start_processes(bf16_main, args=(shard_dir, free_port, tmp_path), nprocs=1, start_method="spawn")
     result = torch.load(tmp_path / "bf16.pt")
@@ -200,6 +203,7 @@ def silent_rank_main(rank, port, out):
         out.write_text("the allreduce returned")
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_fails_the_others_after_the_collective_timeout(tmp_path, free_port):
     out = tmp_path / "message"
     mp.start_processes(silent_rank_main, args=(free_port, out), nprocs=2, start_method="spawn")

@@ -273,6 +273,7 @@ def data_wait_rank(rank: int, port: int, out, pause: float) -> None:
     loop.train_epoch(ds_engine, cfg, plan, batches(), 0, device, log, preempt.StopRequest())
 
 
+@pytest.mark.slow
 def test_progress_records_carry_the_share_of_time_spent_waiting_for_data(tmp_path):
     """The seconds a record says its rank waited (its share of the window's wall time, times the window's
     time: images over images/s) hold the batches' pauses, whatever the machine's load: at least 3 x 0.5 s
@@ -303,6 +304,7 @@ def train_error_rank(rank: int, port: int, out, images: torch.Tensor, labels: to
                      preempt.StopRequest())
 
 
+@pytest.mark.slow
 def test_train_iter_records_carry_the_training_error_of_their_window(tmp_path):
     """Fig. 2 plots training error: each record counts the top-1 misses of its window's images as they were
     trained on. The labels are made from the initial model's own predictions, so the count is known: in the
@@ -344,6 +346,7 @@ def decode_mode_rank(rank: int, port: int, shard_dir, mode: str, out) -> None:
     torch.save(ds_engine.module.state_dict(), out)
 
 
+@pytest.mark.slow
 def test_decoding_in_the_rank_trains_to_the_weights_of_decoding_in_the_loader(shard_dir, tmp_path):
     """data.decode=gpu (its decode here on the CPU rank) against the loader's decode, six steps: the same crops
     and flips, the same full-size decodes, so the same weights, bit for bit."""
@@ -405,6 +408,7 @@ def sync_count_rank(rank: int, port: int, out) -> None:
                 "steps": ds_engine.global_steps}, out)
 
 
+@pytest.mark.slow
 def test_a_training_step_makes_no_host_sync_but_the_lagged_read_of_the_stop_flags(tmp_path):
     """Per optimizer step the host reads one value from the device: the stop flags of the step before,
     whose allreduce is done by then (on CUDA through a pinned copy and an event: preempt.poll). The loss,

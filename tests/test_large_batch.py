@@ -110,6 +110,7 @@ def test_bad_large_batch_values_are_refused_before_anything_runs(key, value, mes
         config.resolve(config.apply_overrides(config.preset("lars_r50_bs32k"), [f"{key}={value}"]))
 
 
+@pytest.mark.slow
 def test_a_two_rank_lars_run_with_smoothing_and_the_poly_decay_trains(shard_dir, tmp_path):
     run_dir = tmp_path / "lars"
     args = ["--cluster", "local", "--run-dir", str(run_dir), f"data.shards={shard_dir}", *SMALL,

@@ -81,6 +81,7 @@ def test_the_estimates_are_unbiased_on_expected_norms():
     assert noise.ratio(trace, -0.1) is None
 
 
+@pytest.mark.slow
 def test_the_noise_scale_of_least_squares_is_within_ten_percent_of_the_exact_one_and_shapes_agree(tmp_path):
     """2 ranks x accumulation 1 (each rank's gradient before the allreduce against the average after it),
     1 rank x accumulation 2 (each micro-batch's gradient against their mean) on the same samples: the same

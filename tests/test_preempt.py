@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -177,6 +178,7 @@ def full_disk_rank(rank: int, port: int, run_dir, out) -> None:
     torch.save({"outcome": outcome, "seconds": time.time() - started}, out / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_on_one_rank_ends_every_rank_at_once_and_keeps_the_checkpoint_before(tmp_path):
     """ENOSPC in rank 0's write inside DeepSpeed's save: both ranks raise SaveFailed within seconds (none waits
     for the other in a barrier until the collective timeout, 30 minutes), naming the path, the free space

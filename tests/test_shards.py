@@ -221,6 +221,7 @@ def test_parallel_and_array_task_conversions_equal_the_serial_one(image_tree, tm
     assert manifests(tmp_path / "parallel") == want and manifests(tmp_path / "tasks") == want
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_resumes_to_the_same_manifest(image_tree, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.shards", "convert", "--src", str(image_tree), "--out", str(out),
@@ -314,6 +315,7 @@ def test_max_side_reencodes_only_larger_images(tmp_path):
     assert all(jpg == files[key] for key, jpg in samples.items())  # 28 px images copied untouched
 
 
+@pytest.mark.slow
 def test_the_array_job_script_converts_in_tasks_then_merges(image_tree, shard_dir, tmp_path):
     """slurm/shards.sbatch run as Slurm would: three array tasks (ids 1, 3, 5), then once without an array."""
     script = Path(__file__).resolve().parent.parent / "slurm" / "shards.sbatch"

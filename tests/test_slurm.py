@@ -20,7 +20,7 @@ from helpers import SMALL, run_module, weight_names
 
 from pipeline.train import metrics
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Long enough (~45 s on 2 cores) that the first warning of a 1-minute time limit (SIGUSR2 55 s before it,

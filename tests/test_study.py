@@ -36,6 +36,7 @@ def study(shard_dir, weird_root):
     return root / "epochs1", args, result
 
 
+@pytest.mark.slow
 def test_the_quick_studys_table_is_recomputed_from_its_runs_metrics(study):
     """Each run's error from its records, a row's difference from 1x (one seed: no test), and the figures: Fig. 2
     in the budget's folder, Fig. 1 (every budget's) beside it."""
@@ -55,6 +56,7 @@ def test_the_quick_studys_table_is_recomputed_from_its_runs_metrics(study):
     assert "| 4x no warmup | 32 |" in result.stdout
 
 
+@pytest.mark.slow
 def test_every_run_folder_is_a_tensorboard_log_of_its_metrics(study):
     out, _, _ = study
     run_dir = out / "runs" / "kn4x-seed0"
@@ -67,6 +69,7 @@ def test_every_run_folder_is_a_tensorboard_log_of_its_metrics(study):
         assert [(e.step, e.value) for e in board.Scalars(tag)] == [(s, pytest.approx(v)) for s, v in want]
 
 
+@pytest.mark.slow
 def test_a_stopped_study_resumes_without_redoing_finished_runs(study):
     """A run that was prepared but had not started when the study stopped is trained; the others are kept."""
     out, args, _ = study
@@ -85,6 +88,7 @@ def test_a_stopped_study_resumes_without_redoing_finished_runs(study):
     assert table["rows"][2]["mean"] == recomputed_error(redo)
 
 
+@pytest.mark.slow
 def test_several_runs_are_overlaid_in_one_picture(study, capsys):
     out, _, _ = study
     result = run_here(submit_main, capsys, "--report", str(out / "runs" / "kn1x-seed0"), str(out / "runs" / "kn4x-seed0"))

@@ -42,6 +42,7 @@ def pristine(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + " as it finished")
 
 
+@pytest.mark.slow
 def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
     run_dir, _, result = run
     saved = json.loads((run_dir / "config.json").read_text())
@@ -73,6 +74,7 @@ def test_run_folder_holds_config_metrics_checkpoints_and_report(run):
     assert "epoch 2/2 done" in result.stdout and "top-1 error" in result.stdout
 
 
+@pytest.mark.slow
 def test_lr_follows_the_plan_through_the_engine(run):
     run_dir, _, _ = run
     cfg, plan = config.load_run_config(run_dir)
@@ -82,6 +84,7 @@ def test_lr_follows_the_plan_through_the_engine(run):
         assert r["lr"] == pytest.approx(schedule.lr_at(r["step"] - 1, cfg.optim.base_lr, plan, cfg.schedule)), r
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
     run_dir, args, _ = run
     first = metrics.read(run_dir / "metrics.jsonl")
@@ -107,6 +110,7 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(run):
         assert g[3:] == pytest.approx(w[3:], rel=1e-5, abs=1e-6)  # model, momentum, lr and data all came back
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_for_an_existing_run(run, capsys):
     run_dir, args, _ = run
     changed = run_here(submit_main, capsys, *args, "optim.base_lr=0.2", "train.seed=3")
@@ -248,6 +252,7 @@ def with_a_corrupt_train_image(shard_dir, out):
     return out, key
 
 
+@pytest.mark.slow
 def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
     run_dir = tmp_path / "debug run"
     shards, bad_key = with_a_corrupt_train_image(shard_dir, tmp_path / "shards")
@@ -264,6 +269,7 @@ def test_debug_cluster_trains_one_rank_in_process(shard_dir, tmp_path):
     assert [r["step"] for r in records if r["_type"] == "train_iter"] == list(range(1, 16))
 
 
+@pytest.mark.slow
 def test_a_run_stopped_with_ctrl_c_on_two_ranks_resumes_on_one_and_ends_with_the_same_weights(run, shard_dir, tmp_path):
     """Ctrl-C in the terminal of a local 2-rank run: the launcher alone hears it (its job ignores SIGINT),
     asks the ranks to stop, says where they stopped, once, without a traceback. Resumed by the launcher on 1
@@ -350,6 +356,7 @@ def test_streaming_access_refuses_to_resume_on_another_shape(shard_dir, tmp_path
     assert longer.returncode == 0, longer.stderr
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_fails(shard_dir, tmp_path):
     run_dir = tmp_path / "diverged"
     result = submit("--cluster", "debug", "--gpus-per-node", "1", "--run-dir", str(run_dir), f"data.shards={shard_dir}",
@@ -402,6 +409,7 @@ def damaged_copy(run, tmp_path) -> tuple:
     return copy, [*args[:args.index("--run-dir")], "--run-dir", str(copy), *args[args.index("--run-dir") + 2:]], want
 
 
+@pytest.mark.slow
 def test_a_cut_short_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(run, tmp_path):
     """The newest tag's model file cut short (what a crash leaves when the data never reached the disk) and
     `latest` naming a tag that is gone: the resume checks the tags against their manifests, moves the damaged
@@ -424,6 +432,7 @@ def test_a_cut_short_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_loads_the_launcher_says_what_is_wrong_with_each_without_a_traceback(run, tmp_path):
     copy, args, _ = damaged_copy(run, tmp_path)
     ckpt = copy / "checkpoints"
@@ -438,6 +447,7 @@ def test_when_no_checkpoint_loads_the_launcher_says_what_is_wrong_with_each_with
     assert {d.name for d in ckpt.iterdir() if d.is_dir()} >= {"step-0000028.damaged", "step-0000029.damaged"}
 
 
+@pytest.mark.slow
 def test_run_dir_alone_takes_the_saved_config_and_what_else_is_given_are_changes(run, capsys):
     """No --preset, no overrides: the run folder's own config and shape (the fixture ran the demo preset with
     SMALL's overrides, which the demo preset alone would refuse); a new shape with the same global batch is
@@ -453,6 +463,7 @@ def test_run_dir_alone_takes_the_saved_config_and_what_else_is_given_are_changes
     assert changed.returncode == 2 and "optim.base_lr: 0.0125 -> 0.5" in changed.stderr
 
 
+@pytest.mark.slow
 def test_status_of_a_stopped_run_gives_the_command_that_resumes_it(run, tmp_path, capsys):
     copy, _, _ = damaged_copy(run, tmp_path)
     shown = run_here(submit_main, capsys, "--status", str(copy))
@@ -488,6 +499,7 @@ def local_rank(processes: set[int], rank: int) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launcher_says_how_to_resume(
         shard_dir, tmp_path):
     """Rank 1 of a 2-rank local run SIGKILLed mid-run: its forkserver and loader worker die with it (they block
@@ -519,6 +531,7 @@ def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launc
     assert f"resume it with: python -m pipeline.submit --run-dir {run_dir}" in err
 
 
+@pytest.mark.slow
 def test_max_requeues_restarts_a_local_job_whose_rank_was_killed_from_its_newest_checkpoint(shard_dir, tmp_path):
     """--max-requeues 1 on this machine: rank 1 SIGKILLed in epoch 2, after epoch 1's checkpoint; the launcher
     writes the `failed` record (restarted), starts the job again, which resumes from that checkpoint and

@@ -11,6 +11,7 @@ from pipeline.tune_buckets import main as tune_main
 from helpers import run_here, run_module
 
 
+@pytest.mark.slow
 def test_tuning_job_writes_the_best_setting_the_plot_and_the_hardware_profile(weird_root, capsys):
     run = weird_root / "tune run"
     tuned = weird_root / "tuned ds.json"
