@@ -162,7 +162,6 @@ def global_batch(cfg: Config) -> int:
     return cfg.cluster.nodes * cfg.cluster.gpus_per_node * cfg.train.micro_batch * cfg.train.grad_accum
 
 
-
 def to_dict(cfg: Config) -> dict:
     """Plain JSON-able dict of a Config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -16,6 +16,7 @@ from pipeline import config
 from pipeline.launch.options import requeue_limit
 from pipeline.train.preempt import ATTEMPT
 
+
 @contextlib.contextmanager
 def _interrupts_ignored():
     """SIGINT ignored while the block starts processes, which inherit that: a Ctrl-C in the terminal then

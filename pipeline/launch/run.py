@@ -19,6 +19,7 @@ DEMO_IMAGES = Path("data/fashion-mnist")
 HOLDOUT_IMAGES = Path("data/fashion-mnist-holdout")
 HOLDOUT_SHARDS = Path("shards/fashion-mnist-holdout")
 
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training run as the launcher prepares it: its folder and what goes into it."""

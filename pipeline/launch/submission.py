@@ -18,11 +18,11 @@ from submitit.core.utils import JobPaths
 from pipeline import config
 from pipeline.dsconfig import bucket_elements
 from pipeline.launch import sbatch, status
+from pipeline.launch.checks import check_paths, check_shards
+from pipeline.launch.executor import failed, job_error, make_executor, stop_local_job, submit_jobs
 from pipeline.launch.jobs import TrainJob
 from pipeline.launch.local_task import how_it_ended
 from pipeline.launch.options import preset_name, requeue_limit, sweep_overrides
-from pipeline.launch.checks import check_paths, check_shards
-from pipeline.launch.executor import failed, job_error, make_executor, stop_local_job, submit_jobs
 from pipeline.launch.run import Run, make_demo_data, makes_demo_data, prepare_run_dir, resolve_run
 from pipeline.scaling import model as scaling
 from pipeline.train import metrics, model, preempt, report, tags

@@ -45,7 +45,6 @@ class MetricsLog:
             self.board.flush()  # a record every log_every steps: cheap, and nothing is lost to a crash
         return record
 
-
     def announce(self, _type: str, **fields) -> dict:
         """write(), and its progress line on the primary's stdout: the one place a rank prints its progress
         (a run's resume, evaluations, a stop, a divergence)."""
