@@ -270,7 +270,7 @@ def data_wait_rank(rank: int, port: int, out, pause: float) -> None:
             yield streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
                                 [], 0)
     log = metrics.MetricsLog(out, enabled=True)
-    loop.train_epoch(ds_engine, cfg, plan, batches(), 0, device, log, preempt.StopRequest())
+    loop.Trainer(ds_engine, cfg, plan, device, log, preempt.StopRequest()).train_epoch(batches(), 0)
 
 
 @pytest.mark.slow
@@ -300,8 +300,8 @@ def train_error_rank(rank: int, port: int, out, images: torch.Tensor, labels: to
     torch.manual_seed(0)
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     batches = [streams.Batch(images[i * 8:(i + 1) * 8], labels[i * 8:(i + 1) * 8], [], 0) for i in range(4)]
-    loop.train_epoch(ds_engine, cfg, plan, iter(batches), 0, device, metrics.MetricsLog(out, enabled=True),
-                     preempt.StopRequest())
+    log = metrics.MetricsLog(out, enabled=True)
+    loop.Trainer(ds_engine, cfg, plan, device, log, preempt.StopRequest()).train_epoch(iter(batches), 0)
 
 
 @pytest.mark.slow
@@ -341,8 +341,8 @@ def decode_mode_rank(rank: int, port: int, shard_dir, mode: str, out) -> None:
     ds_engine = engine.build_engine(model.build(cfg.model), cfg, plan, dsconfig.load_ds_config(cfg, plan))
     stream = streams.train_stream(load_manifest(shard_dir, "train"), cfg.data, 8, 6, 0, 1, 1, cfg.train.seed)
     stream.set_epoch(0)
-    loop.train_epoch(ds_engine, cfg, plan, iter(stream), 0, device, metrics.MetricsLog(out, enabled=False),
-                     preempt.StopRequest())
+    log = metrics.MetricsLog(out, enabled=False)
+    loop.Trainer(ds_engine, cfg, plan, device, log, preempt.StopRequest()).train_epoch(iter(stream), 0)
     torch.save(ds_engine.module.state_dict(), out)
 
 
@@ -399,11 +399,12 @@ def sync_count_rank(rank: int, port: int, out) -> None:
     batches = [streams.Batch(torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (8,)),
                              [], 0) for _ in range(14)]
     log = metrics.MetricsLog(out, enabled=False)
-    loop.train_epoch(ds_engine, cfg, plan, iter(batches[:2]), 0, device, log, preempt.StopRequest())  # first use
+    loop.Trainer(ds_engine, cfg, plan, device, log, preempt.StopRequest()).train_epoch(iter(batches[:2]), 0)
     accelerator, synchronized = get_accelerator(), []
     accelerator.synchronize = lambda *a, **k: synchronized.append(1)  # DeepSpeed's timers would call it
+    trainer = loop.Trainer(ds_engine, cfg, plan, device, log, preempt.StopRequest())  # after a first use above
     with SyncCounter() as counter:
-        loop.train_epoch(ds_engine, cfg, plan, iter(batches[2:]), 0, device, log, preempt.StopRequest())
+        trainer.train_epoch(iter(batches[2:]), 0)
     torch.save({"calls": collections.Counter(counter.calls), "synchronize": len(synchronized),
                 "steps": ds_engine.global_steps}, out)
 
@@ -444,8 +445,9 @@ def compiled_rank(rank: int, port: int, out) -> None:
                                         channels_last=device.type == "cuda")
         assert next(ds_engine.module.parameters()).device.type == device.type
         log = out.with_suffix(f".{compiled}.jsonl")
-        loop.train_epoch(ds_engine, cfg, plan, iter(batches), 0, device, metrics.MetricsLog(log, enabled=True),
-                         preempt.StopRequest())
+        trainer = loop.Trainer(ds_engine, cfg, plan, device, metrics.MetricsLog(log, enabled=True),
+                               preempt.StopRequest())
+        trainer.train_epoch(iter(batches), 0)
         result[compiled] = {"loss": [r["loss"] for r in metrics.read(log)],
                             "weights": {k: v.cpu().clone() for k, v in ds_engine.module.state_dict().items()},
                             "compiled": ds_engine.is_compiled}

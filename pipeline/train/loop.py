@@ -132,71 +132,6 @@ def evaluate(engine, cfg: Config, batches, num_samples: int, device: torch.devic
     return {"top1_err": 100 * (1 - top1 / seen), "top5_err": 100 * (1 - top5 / seen), "num_samples": int(seen)}
 
 
-def train_epoch(engine, cfg: Config, plan: Plan, batches, epoch: int, device, log,
-                stop: preempt.StopRequest, save=None) -> tuple[int, bool]:
-    """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
-    optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
-    stop (a signal, or a loss that was not finite: stop.diverged_at) before the epoch's end; the last step
-    of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen. `save(tag)`
-    writes the periodic checkpoints (train.checkpoint_every_min) when stop.clock says the ranks agreed on one."""
-    engine.train()
-    corrupt, stopped = 0, False
-    last_step = (epoch + 1) * plan.steps_per_epoch
-    # The window's sums since the last record, on the device (no host sync per step): [loss of each
-    # micro-batch, top-1 hits, top-5 hits, images]
-    window, window_n, window_start = torch.zeros(4, dtype=torch.float64, device=device), 0, time.time()
-    waited = 0.0  # seconds of the window this rank spent waiting for its next batch
-    batches = iter(batches)
-    while True:
-        asked = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - asked
-        if batch is None:
-            break
-        images, labels, replaced = on_device(batch, cfg, device)
-        corrupt += batch.corrupt + replaced
-        # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
-        logits = forward(engine, images, cfg, device)
-        loss = training_loss(logits, labels, cfg)
-        # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
-        # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
-        engine.backward(loss)
-        stop.note_loss(loss)  # on the device: read with the stop flags, one step late
-        lr = engine.get_lr()[0]
-        before = engine.global_steps
-        engine.step()
-        window += window_sums(loss, logits, labels)
-        window_n += 1
-        step = engine.global_steps
-        if step == before:  # inside an accumulation window: no optimizer step yet
-            continue
-        if step % cfg.train.log_every == 0 or step == plan.total_steps:
-            meter = engine.bucketed_allreduce.meter if engine.bucketed_allreduce else None
-            sums = torch.cat([window, meter.take()]) if meter else window
-            dist.all_reduce(sums)  # all_reduce: every rank's window sums -> global sums (once per record)
-            values = sums.tolist()
-            loss_sum, top1, _, seen = values[:4]
-            elapsed = time.time() - window_start
-            # train_err: top-1 error of the window's training images, each counted when it was trained on (in
-            # training mode, before its step's update: Fig. 2 of the paper plots this). data_wait: rank 0's
-            # share of the window's wall time spent waiting for its loader (a slower loader on another rank
-            # shows here as slower steps, spent in the allreduce, not as waiting)
-            log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=loss_sum / (window_n * plan.world_size),
-                      train_err=100 * (1 - top1 / seen), img_s=seen / elapsed, total_steps=plan.total_steps,
-                      data_wait=min(1.0, waited / elapsed),
-                      **(meter.fields(values[4:]) if meter else noise.not_measured()))
-            window, window_n, window_start, waited = torch.zeros_like(window), 0, time.time(), 0.0
-        if step < last_step and stop.poll(device, step):
-            stopped = True
-            break
-        if save is not None and stop.clock.due and step < last_step and stop.diverged_at is None:
-            log.write("checkpoint", step=step, tag=save(f"step-{step:07d}"), reason="periodic")
-            stop.clock.saved()
-    total = torch.tensor(corrupt, dtype=torch.int64, device=device)
-    dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
-    return int(total), stopped
-
-
 class Stopped(RuntimeError):
     """A signal stopped the run; its checkpoint is complete but the job was not requeued."""
 
@@ -206,31 +141,119 @@ class Diverged(RuntimeError):
     requeued."""
 
 
-def end_after_divergence(engine, cfg: Config, plan: Plan, stop: preempt.StopRequest, run_dir: Path, log) -> None:
-    """Log the divergence and end every rank with Diverged, naming the step, its lr and the newest good
-    checkpoint."""
-    step = stop.diverged_at or engine.global_steps
-    lr = lr_at(step - 1, cfg.optim.base_lr, plan, cfg.schedule)
-    good = tags.latest_tag(run_dir)
-    log.announce("diverged", step=step, lr=lr, checkpoint=good)
-    raise Diverged(f"the loss was not finite (nan or inf) by step {step}, at lr {lr:g}: the run diverged and was "
-                   f"stopped; {f'checkpoint {good} is the newest good one' if good else 'it has no checkpoint'}. "
-                   "Lower optim.base_lr or lengthen schedule.warmup_epochs, and start a new run folder")
+class Trainer:
+    """A rank's training, its state held once: the DeepSpeed engine, the config and its plan, the device,
+    the metrics log, the stop request, and the run folder it checkpoints into (None: no checkpoint, as where
+    a test steps an engine by itself)."""
 
+    def __init__(self, engine, cfg: Config, plan: Plan, device: torch.device, log: metrics.MetricsLog,
+                 stop: preempt.StopRequest, run_dir: Path | None = None, max_requeues: int = 0):
+        self.engine, self.cfg, self.plan, self.device, self.log, self.stop = engine, cfg, plan, device, log, stop
+        self.run_dir, self.max_requeues = run_dir, max_requeues
+        self.config_dict = to_dict(cfg)
 
-def end_after_stop(engine, stop: preempt.StopRequest, tag: str, max_requeues: int, device, log) -> None:
-    """After the checkpoint of a stop: rank 0 requeues the job, every rank learns whether it did, the
-    stop is logged, and the rank ends: SystemExit when requeued (the job comes back and resumes),
-    Stopped otherwise (the message says how to resume)."""
-    requeued, message = stop.requeue(max_requeues) if is_primary() else (False, "")
-    flag = torch.tensor([requeued], dtype=torch.int32, device=device)
-    dist.all_reduce(flag)  # all_reduce: rank 0's outcome -> every rank
-    log.announce("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
-                 requeued=bool(flag.item()), message=message)
-    if flag.item():
-        raise SystemExit(-1)  # no result is recorded: the requeued job finishes the run
-    raise Stopped(f"stopped after step {engine.global_steps} ({stop.received or 'a signal on another rank'}); "
-                  f"checkpoint {tag} is complete; {message}; run the same command again to resume from it")
+    def save(self, tag: str) -> str:
+        """Checkpoint with the loader position the global step implies: a stop never falls on an epoch's
+        last step, so a mid-epoch step resumes in its epoch and an epoch's end at the next one's start."""
+        epoch, step_in_epoch = divmod(self.engine.global_steps, self.plan.steps_per_epoch)
+        try:
+            return checkpoint.save(self.engine, self.run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch},
+                                   self.config_dict, self.cfg.train.keep_checkpoints)
+        except checkpoint.SaveFailed as err:  # the record keeps pipeline.requeue from requeueing into the same disk
+            self.log.write("save_failed", step=self.engine.global_steps, tag=tag, message=str(err))
+            raise
+
+    def train_epoch(self, batches, epoch: int) -> tuple[int, bool]:
+        """The rest of an epoch (the loader starts where set_epoch put it), grad_accum micro-batches per
+        optimizer step. Returns the corrupt samples replaced on all ranks, and whether the ranks agreed to
+        stop (a signal, or a loss that was not finite: stop.diverged_at) before the epoch's end; the last step
+        of an epoch never stops here, so that the epoch's evaluation and checkpoint still happen. With a run
+        folder, it writes the periodic checkpoints (train.checkpoint_every_min) when stop.clock says the ranks
+        agreed on one."""
+        engine, cfg, plan, device, log, stop = self.engine, self.cfg, self.plan, self.device, self.log, self.stop
+        engine.train()
+        corrupt, stopped = 0, False
+        last_step = (epoch + 1) * plan.steps_per_epoch
+        # The window's sums since the last record, on the device (no host sync per step): [loss of each
+        # micro-batch, top-1 hits, top-5 hits, images]
+        window, window_n, window_start = torch.zeros(4, dtype=torch.float64, device=device), 0, time.time()
+        waited = 0.0  # seconds of the window this rank spent waiting for its next batch
+        batches = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            images, labels, replaced = on_device(batch, cfg, device)
+            corrupt += batch.corrupt + replaced
+            # Mean over this rank's n; DeepSpeed averages gradients over ranks: together 1/(kn) (remark 3).
+            logits = forward(engine, images, cfg, device)
+            loss = training_loss(logits, labels, cfg)
+            # all_reduce of gradients at the accumulation boundary: started during backward and awaited before the
+            # optimizer step (pipeline.train.buckets), or after backward (DeepSpeed's own, overlap_comm=false)
+            engine.backward(loss)
+            stop.note_loss(loss)  # on the device: read with the stop flags, one step late
+            lr = engine.get_lr()[0]
+            before = engine.global_steps
+            engine.step()
+            window += window_sums(loss, logits, labels)
+            window_n += 1
+            step = engine.global_steps
+            if step == before:  # inside an accumulation window: no optimizer step yet
+                continue
+            if step % cfg.train.log_every == 0 or step == plan.total_steps:
+                meter = engine.bucketed_allreduce.meter if engine.bucketed_allreduce else None
+                sums = torch.cat([window, meter.take()]) if meter else window
+                dist.all_reduce(sums)  # all_reduce: every rank's window sums -> global sums (once per record)
+                values = sums.tolist()
+                loss_sum, top1, _, seen = values[:4]
+                elapsed = time.time() - window_start
+                # train_err: top-1 error of the window's training images, each counted when it was trained on (in
+                # training mode, before its step's update: Fig. 2 of the paper plots this). data_wait: rank 0's
+                # share of the window's wall time spent waiting for its loader (a slower loader on another rank
+                # shows here as slower steps, spent in the allreduce, not as waiting)
+                log.write("train_iter", step=step, epoch=epoch, lr=lr, loss=loss_sum / (window_n * plan.world_size),
+                          train_err=100 * (1 - top1 / seen), img_s=seen / elapsed, total_steps=plan.total_steps,
+                          data_wait=min(1.0, waited / elapsed),
+                          **(meter.fields(values[4:]) if meter else noise.not_measured()))
+                window, window_n, window_start, waited = torch.zeros_like(window), 0, time.time(), 0.0
+            if step < last_step and stop.poll(device, step):
+                stopped = True
+                break
+            if self.run_dir is not None and stop.clock.due and step < last_step and stop.diverged_at is None:
+                log.write("checkpoint", step=step, tag=self.save(f"step-{step:07d}"), reason="periodic")
+                stop.clock.saved()
+        total = torch.tensor(corrupt, dtype=torch.int64, device=device)
+        dist.all_reduce(total)  # all_reduce: per-rank corrupt counts -> global count
+        return int(total), stopped
+
+    def end_after_divergence(self) -> None:
+        """Log the divergence and end every rank with Diverged, naming the step, its lr and the newest good
+        checkpoint."""
+        engine, cfg, plan, stop, log = self.engine, self.cfg, self.plan, self.stop, self.log
+        step = stop.diverged_at or engine.global_steps
+        lr = lr_at(step - 1, cfg.optim.base_lr, plan, cfg.schedule)
+        good = tags.latest_tag(self.run_dir)
+        log.announce("diverged", step=step, lr=lr, checkpoint=good)
+        raise Diverged(f"the loss was not finite (nan or inf) by step {step}, at lr {lr:g}: the run diverged and was "
+                       f"stopped; {f'checkpoint {good} is the newest good one' if good else 'it has no checkpoint'}. "
+                       "Lower optim.base_lr or lengthen schedule.warmup_epochs, and start a new run folder")
+
+    def end_after_stop(self, tag: str) -> None:
+        """After the checkpoint of a stop: rank 0 requeues the job, every rank learns whether it did, the
+        stop is logged, and the rank ends: SystemExit when requeued (the job comes back and resumes),
+        Stopped otherwise (the message says how to resume)."""
+        engine, stop, log = self.engine, self.stop, self.log
+        requeued, message = stop.requeue(self.max_requeues) if is_primary() else (False, "")
+        flag = torch.tensor([requeued], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag)  # all_reduce: rank 0's outcome -> every rank
+        log.announce("stop", signal=stop.received, step=engine.global_steps, checkpoint=tag,
+                     requeued=bool(flag.item()), message=message)
+        if flag.item():
+            raise SystemExit(-1)  # no result is recorded: the requeued job finishes the run
+        raise Stopped(f"stopped after step {engine.global_steps} ({stop.received or 'a signal on another rank'}); "
+                      f"checkpoint {tag} is complete; {message}; run the same command again to resume from it")
 
 
 def run(run_dir: Path, stop: preempt.StopRequest | None = None, max_requeues: int = 0) -> dict:
@@ -262,21 +285,9 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
     net = model.build(cfg.model).to(device)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     engine = build_engine(net, cfg, plan, ds_config, channels_last=device.type == "cuda")
-    config_dict = to_dict(cfg)
-
-    def save_checkpoint(tag: str) -> str:
-        """Checkpoint with the loader position the global step implies: a stop never falls on an epoch's
-        last step, so a mid-epoch step resumes in its epoch and an epoch's end at the next one's start."""
-        epoch, step_in_epoch = divmod(engine.global_steps, plan.steps_per_epoch)
-        try:
-            return checkpoint.save(engine, run_dir, tag, {"epoch": epoch, "step_in_epoch": step_in_epoch},
-                                   config_dict, cfg.train.keep_checkpoints)
-        except checkpoint.SaveFailed as err:  # the record keeps pipeline.requeue from requeueing into the same disk
-            log.write("save_failed", step=engine.global_steps, tag=tag, message=str(err))
-            raise
-
+    trainer = Trainer(engine, cfg, plan, device, log, stop, run_dir, max_requeues)
     stop.clock = checkpoint.Clock(cfg.train.checkpoint_every_min * 60)
-    resumed = checkpoint.resume(engine, run_dir, config_dict)
+    resumed = checkpoint.resume(engine, run_dir, trainer.config_dict)
     epoch, step_in_epoch, skipped = 0, 0, []
     if resumed:
         tag, position, ranks_before, skipped = resumed
@@ -308,14 +319,13 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
     while epoch < cfg.schedule.epochs:
         epoch_start = time.time()
         stream.set_epoch(epoch, step_in_epoch * cfg.train.grad_accum)
-        corrupt, stopped = train_epoch(engine, cfg, plan, train_batches, epoch, device, log, stop, save_checkpoint)
+        corrupt, stopped = trainer.train_epoch(train_batches, epoch)
         if not stopped:
             stop.settle(device, engine.global_steps)  # the epoch's last losses, before evaluating and saving
         if stop.diverged_at is not None:
-            end_after_divergence(engine, cfg, plan, stop, run_dir, log)
+            trainer.end_after_divergence()
         if stopped:
-            tag = save_checkpoint(f"step-{engine.global_steps:07d}")
-            end_after_stop(engine, stop, tag, max_requeues, device, log)
+            trainer.end_after_stop(trainer.save(f"step-{engine.global_steps:07d}"))
         # Compiled for training's full batches in training mode: evaluation's mode, its short last batch and
         # precise BN run eagerly instead of compiling the model again for each
         with torch.compiler.set_stance("force_eager") if cfg.train.compile else contextlib.nullcontext():
@@ -325,14 +335,14 @@ def train(run_dir: Path, cfg: Config, plan: Plan, device: torch.device, stop: pr
             result = evaluate(engine, cfg, val_batches, val_manifest.num_samples, device)
         epoch += 1
         step_in_epoch = 0
-        tag = save_checkpoint(f"epoch-{epoch:03d}")
+        tag = trainer.save(f"epoch-{epoch:03d}")
         stop.clock.saved()
         per_epoch = (time.time() - started) / (epoch - first_epoch)
         log.announce("eval", epoch=epoch - 1, epochs=cfg.schedule.epochs, step=engine.global_steps, **result,
                      train_corrupt=corrupt, epoch_s=time.time() - epoch_start,
                      eta_s=per_epoch * (cfg.schedule.epochs - epoch))
         if epoch < cfg.schedule.epochs and stop.settle(device):
-            end_after_stop(engine, stop, tag, max_requeues, device, log)
+            trainer.end_after_stop(tag)
     dist.barrier()
     if is_primary():
         print(report.write(run_dir), flush=True)
