@@ -75,6 +75,9 @@ def reproduce(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs in {execute.budget_dir(args) / 'runs'} (dry run: nothing written, nothing trained)")
         return 0
     args.cluster = choose_cluster(args.cluster)
+    if args.cluster != "slurm" and args.max_requeues:
+        raise ValueError(f"--max-requeues {args.max_requeues} requeues a study's runs on Slurm; on this machine a "
+                         "failed run is not restarted by itself: run the same command again, which resumes it")
     code = execute.train(args, runs, sbatch_options)
     execute.write_results(execute.budget_dir(args), study)
     return code

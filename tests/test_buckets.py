@@ -6,11 +6,10 @@ import statistics
 import deepspeed
 import pytest
 import torch
-import torch.multiprocessing as mp
 from pipeline.train import buckets
 from torch.utils.checkpoint import checkpoint
 
-from helpers import pick_port, start_rank
+from helpers import pick_port, start_rank, start_ranks
 
 MICRO = 4
 # Bucket sizes in elements: one parameter per bucket, sizes that cut no parameter boundary evenly, one bucket.
@@ -101,7 +100,7 @@ def rank_main(rank, world, port, out_dir):
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def gradients(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"buckets{request.param}")
-    mp.start_processes(rank_main, args=(request.param, pick_port(), out), nprocs=request.param, start_method="spawn")
+    start_ranks(rank_main, request.param, pick_port(), out, ranks=request.param)
     return [torch.load(out / f"rank{r}.pt") for r in range(request.param)]
 
 
@@ -164,7 +163,7 @@ def test_bf16_on_the_wire_like_deepspeeds(gradients, accum):
 
 
 def test_configurations_that_would_see_unreduced_gradients_are_refused(tmp_path):
-    mp.start_processes(refusal_main, args=(pick_port(), tmp_path), nprocs=1, start_method="spawn")
+    start_ranks(refusal_main, pick_port(), tmp_path, ranks=1)
     assert (tmp_path / "refused").read_text().startswith("overlap_comm at stage 0 reduces the gradients")
 
 
@@ -183,7 +182,7 @@ def refusal_main(rank, port, out_dir):
 def test_engine_in_channels_last_starts_on_several_ranks(tmp_path):
     """GPU runs train channels_last: build_engine converts after DeepSpeed's start, whose broadcast of the
     initial weights refuses channels_last conv weights; then one step reduces through the buckets."""
-    mp.start_processes(channels_last_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
+    start_ranks(channels_last_main, pick_port(), tmp_path, ranks=2)
     grads = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert max_difference(grads[0], grads[1]) == 0
 
@@ -218,7 +217,7 @@ def channels_last_main(rank, port, out_dir):
 def test_misuse_is_refused_naming_the_parameter_and_no_sync_is_honoured(tmp_path):
     """What would otherwise be lost silently raises an error that names the parameter; a reset() after
     one lets training go on; engine.no_sync() defers the reduction as DeepSpeed's own does."""
-    mp.start_processes(misuse_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
+    start_ranks(misuse_main, pick_port(), tmp_path, ranks=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for res in results:
         assert max_difference(res["no_sync", "ours"], res["no_sync", "deepspeed"]) <= 1e-6
@@ -306,7 +305,7 @@ def test_a_cpu_rank_reuses_freed_memory_from_step_to_step(tmp_path):
     """Our buckets keep their buffers, so glibc's thresholds never rise as they do when DeepSpeed frees
     its flat gradient copy each step: without distributed.keep_freed_memory, a demo step returned its
     activations to the kernel and faulted them back in (~4,600 page faults, ~10% of the step)."""
-    mp.start_processes(faults_main, args=(pick_port(), tmp_path), nprocs=2, start_method="spawn")
+    start_ranks(faults_main, pick_port(), tmp_path, ranks=2)
     for rank in range(2):
         faults = torch.load(tmp_path / f"faults{rank}.pt")
         # Without it: ~4,600 in every step. With it: 0-2, and now and then one step that grows the heap once

@@ -580,8 +580,8 @@ def random_photos(count: int, seed: int = 0) -> tuple[list[torch.Tensor], list[t
 
 
 @pytest.mark.parametrize("group_bytes", [1 << 30, 4 << 20])
-def test_batched_crops_are_torchs_float_resize_of_each_crop_and_within_a_level_of_the_loaders(monkeypatch,
-                                                                                            group_bytes):
+def test_batched_crops_are_torchs_float_resize_of_each_crop_and_within_a_level_of_the_loaders(
+        monkeypatch, group_bytes):
     """data.decode=gpu's batch at once (pipeline.data.batched_crop), in one group and in several: every image
     is torch's antialiased float resize of its crop, rounded (but for fewer than 1 in 1,000 pixels one level
     off, where a value near .5 rounds the other way), flipped where drawn; and differs from the loader's uint8
@@ -600,6 +600,18 @@ def test_batched_crops_are_torchs_float_resize_of_each_crop_and_within_a_level_o
         off = (got.float() - want).abs()  # sums in another order: a value at .5 may round the other way
         assert off.max() <= 1 and (off > 0).float().mean() < 1e-3
         assert (got.int() - loaders.int()).abs().max() <= 1
+
+
+def test_a_box_the_decoded_image_does_not_fill_is_cut_to_it_as_slicing_cuts_it():
+    """A crop drawn on a header's size that the decoded image does not fill reads only that image's pixels,
+    the part the CPU path's slicing keeps."""
+    assert batched_crop.inside((90, 95, 50, 50), 100, 100) == (90, 95, 10, 5)
+    assert batched_crop.inside((120, 0, 50, 50), 100, 100) == (99, 0, 1, 50)
+    image = torch.arange(3 * 100 * 100, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 100, 100)
+    other = torch.full((3, 40, 40), 255, dtype=torch.uint8)
+    got = batched_crop.crop_resize_flip([image, other], [(90, 95, 50, 50), (0, 0, 40, 40)], [False, False], 16)
+    want = batched_crop.crop_resize_flip([image, other], [(90, 95, 10, 5), (0, 0, 40, 40)], [False, False], 16)
+    assert torch.equal(got, want)
 
 
 class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):

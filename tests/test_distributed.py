@@ -3,13 +3,12 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from pipeline import config, dsconfig
 from pipeline.data import streams, workers
 from pipeline.data.manifest import load_manifest
 from pipeline.train import distributed, engine, loop, model
 
-from helpers import GOLDEN_8K, start_rank
+from helpers import GOLDEN_8K, start_rank, start_ranks
 
 WORLD = 2
 STEPS = 2
@@ -58,7 +57,7 @@ def rank_main(rank, shard_dir, port, out_dir):
 @pytest.fixture(scope="module")
 def two_rank_result(shard_dir, tmp_path_factory, free_port):
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(rank_main, args=(shard_dir, free_port, out), nprocs=WORLD, start_method="spawn")
+    start_ranks(rank_main, shard_dir, free_port, out, ranks=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -123,7 +122,7 @@ def accum_main(rank, shard_dir, port, out_dir):
 
 
 def test_k_ranks_equal_one_rank_accumulating_k_micro_batches(two_rank_result, shard_dir, tmp_path, free_port):
-    mp.start_processes(accum_main, args=(shard_dir, free_port, tmp_path), nprocs=1, start_method="spawn")
+    start_ranks(accum_main, shard_dir, free_port, tmp_path, ranks=1)
     result = torch.load(tmp_path / "accum.pt")
     assert result["steps"] == STEPS and result["lr"] == pytest.approx(two_rank_result[0]["lr"])
     want = two_rank_result[0]["state"]
@@ -148,7 +147,7 @@ def schedule_main(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_golden_8k_schedule_through_the_engine(tmp_path, free_port):
-    mp.start_processes(schedule_main, args=(free_port, tmp_path), nprocs=1, start_method="spawn")
+    start_ranks(schedule_main, free_port, tmp_path, ranks=1)
     result = torch.load(tmp_path / "schedule.pt", weights_only=False)
     plan, lrs = result["plan"], result["lrs"]
     assert (plan.global_batch, plan.steps_per_epoch, plan.warmup_steps) == (8192, 156, 780)
@@ -176,7 +175,7 @@ def bf16_main(rank, shard_dir, port, out_dir):
 
 @pytest.mark.slow
 def test_bf16_runs_convolutions_in_bf16_on_fp32_weights(shard_dir, tmp_path, free_port):
-    mp.start_processes(bf16_main, args=(shard_dir, free_port, tmp_path), nprocs=1, start_method="spawn")
+    start_ranks(bf16_main, shard_dir, free_port, tmp_path, ranks=1)
     result = torch.load(tmp_path / "bf16.pt")
     assert result["seen"] == {"conv": torch.bfloat16}
     assert result["weights"] == {torch.float32} and result["steps"] == 1  # fp32 weights and BN statistics
@@ -206,7 +205,7 @@ def silent_rank_main(rank, port, out):
 @pytest.mark.slow
 def test_a_rank_that_stops_answering_fails_the_others_after_the_collective_timeout(tmp_path, free_port):
     out = tmp_path / "message"
-    mp.start_processes(silent_rank_main, args=(free_port, out), nprocs=2, start_method="spawn")
+    start_ranks(silent_rank_main, free_port, out, ranks=2)
     message = out.read_text()
     assert message.startswith("rank 0: a collective failed (") and "Timed out waiting 2000ms" in message, message
     assert "cluster.collective_timeout_s=2 s" in message and "requeued" in message

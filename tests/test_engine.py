@@ -4,8 +4,7 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import pick_port, start_rank
+from helpers import pick_port, start_rank, start_ranks
 
 from pipeline import config, dsconfig
 from pipeline.data import streams
@@ -281,7 +280,7 @@ def test_progress_records_carry_the_share_of_time_spent_waiting_for_data(tmp_pat
     waited = {}
     for pause in (0.0, 0.5):
         out = tmp_path / f"{pause}.jsonl"
-        mp.start_processes(data_wait_rank, args=(pick_port(), out, pause), nprocs=1, start_method="spawn")
+        start_ranks(data_wait_rank, pick_port(), out, pause, ranks=1)
         records = metrics.read(out)
         assert [r["step"] for r in records] == [3, 6]
         waited[pause] = [r["data_wait"] * 3 * 8 / r["img_s"] for r in records]
@@ -321,7 +320,7 @@ def test_train_iter_records_carry_the_training_error_of_their_window(tmp_path):
     wrong[16:26] = True
     labels = torch.where(wrong, (predicted + 1) % 10, predicted)
     out = tmp_path / "metrics.jsonl"
-    mp.start_processes(train_error_rank, args=(pick_port(), out, images, labels), nprocs=1, start_method="spawn")
+    start_ranks(train_error_rank, pick_port(), out, images, labels, ranks=1)
     records = metrics.read(out)
     assert [r["step"] for r in records] == [2, 4]
     assert [r["train_err"] for r in records] == [pytest.approx(100 * 3 / 16), pytest.approx(100 * 10 / 16)]
@@ -353,7 +352,7 @@ def test_decoding_in_the_rank_trains_to_the_weights_of_decoding_in_the_loader(sh
     weights = {}
     for mode in ("cpu", "gpu"):
         out = tmp_path / f"{mode}.pt"
-        mp.start_processes(decode_mode_rank, args=(pick_port(), shard_dir, mode, out), nprocs=1, start_method="spawn")
+        start_ranks(decode_mode_rank, pick_port(), shard_dir, mode, out, ranks=1)
         weights[mode] = torch.load(out)
     assert weights["cpu"].keys() == weights["gpu"].keys()
     assert all(torch.equal(weights["cpu"][k], weights["gpu"][k]) for k in weights["cpu"])
@@ -417,7 +416,7 @@ def test_a_training_step_makes_no_host_sync_but_the_lagged_read_of_the_stop_flag
     DeepSpeed (timers off, no clipping, ZeRO 0) reads nothing. A sync added to the loop, to the engine's
     step or to DeepSpeed's path fails this test, naming where it came from."""
     out = tmp_path / "syncs.pt"
-    mp.start_processes(sync_count_rank, args=(pick_port(), out), nprocs=1, start_method="spawn")
+    start_ranks(sync_count_rank, pick_port(), out, ranks=1)
     result = torch.load(out, weights_only=False)
     assert result["steps"] == 1 + 6
     # 6 polls, the first with nothing to read; then, once an epoch, the corrupt-sample count (a tensor made
@@ -462,7 +461,7 @@ def test_compiled_steps_equal_eager_ones(tmp_path):
     fuses and reorders arithmetic). On a GPU the steps run on cuda:0 over NCCL; it also passes on a CPU
     (measured when it was written: 50 s of compiling)."""
     out = tmp_path / "compiled.pt"
-    mp.start_processes(compiled_rank, args=(pick_port(), out), nprocs=1, start_method="spawn")
+    start_ranks(compiled_rank, pick_port(), out, ranks=1)
     result = torch.load(out, weights_only=False)
     assert result[True]["compiled"] and not result[False]["compiled"]
     assert result[True]["loss"] == pytest.approx(result[False]["loss"], rel=1e-4)

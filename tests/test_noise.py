@@ -6,10 +6,9 @@ import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pipeline.train import buckets, noise
 
-from helpers import pick_port, start_rank
+from helpers import pick_port, start_rank, start_ranks
 
 SAMPLES, DIM, MICRO, STEPS = 4096, 8, 8, 1500
 
@@ -68,7 +67,7 @@ def rank_main(rank: int, world: int, accum: int, port: int, out) -> None:
 
 def run(tmp_path, world: int, accum: int) -> dict:
     out = tmp_path / f"noise-{world}x{accum}.pt"
-    mp.start_processes(rank_main, args=(world, accum, pick_port(), out), nprocs=world, start_method="spawn")
+    start_ranks(rank_main, world, accum, pick_port(), out, ranks=world)
     return torch.load(out, weights_only=False)
 
 

@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import pick_port, start_rank
+from helpers import pick_port, start_rank, start_ranks
 from pipeline.train import preempt
 
 WORLD = 3
@@ -34,7 +33,7 @@ def agree_main(rank, port, out_dir):
 
 
 def test_every_rank_stops_at_the_same_step_when_one_rank_is_signalled(tmp_path, free_port):
-    mp.start_processes(agree_main, args=(free_port, tmp_path), nprocs=WORLD, start_method="spawn")
+    start_ranks(agree_main, free_port, tmp_path, ranks=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     # the signal arrives before poll 5; poll 5 starts the allreduce carrying it and poll 6 reads it
     assert [r["stopped_at"] for r in results] == [SIGNALLED_AT + 1] * WORLD
@@ -187,7 +186,7 @@ def test_a_save_that_fails_on_one_rank_ends_every_rank_at_once_and_keeps_the_che
     from pipeline.train import tags
 
     run_dir = tmp_path / "run"
-    mp.start_processes(full_disk_rank, args=(pick_port(), run_dir, tmp_path), nprocs=2, start_method="spawn")
+    start_ranks(full_disk_rank, pick_port(), run_dir, tmp_path, ranks=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     ckpt = run_dir / "checkpoints"
     for result in results:

@@ -97,6 +97,13 @@ def test_several_runs_are_overlaid_in_one_picture(study, capsys):
     assert "the 2 runs overlaid" in result.stdout and "kn1x-seed0: top-1 error" in result.stdout
 
 
+def test_max_requeues_on_this_machine_is_refused_for_a_study(tmp_path, capsys):
+    """A study's local runs are not restarted by themselves: the flag is refused before anything is written."""
+    assert reproduce.main(["--cluster", "local", "--max-requeues", "2", "--out", str(tmp_path / "out")]) == 2
+    assert "--max-requeues 2 requeues a study's runs on Slurm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_the_ranks_cannot_make_are_refused_before_anything_runs(tmp_path, capsys):
     code = reproduce.main(["--dry-run", "--cluster", "local", "--gpus-per-node", "3", "--out", str(tmp_path)])
     assert code == 2

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import SMALL, pick_port, run_here, run_module, start_rank, truncate_sample, weight_names
+from helpers import pick_port, run_here, run_module, SMALL, start_rank, start_ranks, truncate_sample, weight_names
 
 from pipeline import config
 from pipeline.shards import index
@@ -332,7 +331,7 @@ def starts_from_the_mean_of_the_ranks(run_dir, tag: str, out) -> None:
     """After a resize, every rank takes the mean of the old ranks' BN running statistics and the RNG state of
     old rank (rank mod old ranks); the weights come from DeepSpeed's one file."""
     old = [torch.load(run_dir / "checkpoints" / tag / f"rank{r:05d}_state.pt", weights_only=False) for r in (0, 1)]
-    mp.start_processes(resume_one_rank, args=(pick_port(), run_dir, tag, out), nprocs=1, start_method="spawn")
+    start_ranks(resume_one_rank, pick_port(), run_dir, tag, out, ranks=1)
     state = torch.load(out, weights_only=False)
     means = [name for name in state["buffers"] if name.endswith("running_mean")]
     assert means and not torch.equal(old[0]["buffers"][means[0]], old[1]["buffers"][means[0]])
@@ -533,9 +532,10 @@ def test_a_local_rank_killed_with_sigkill_leaves_no_process_behind_and_the_launc
 
 @pytest.mark.slow
 def test_max_requeues_restarts_a_local_job_whose_rank_was_killed_from_its_newest_checkpoint(shard_dir, tmp_path):
-    """--max-requeues 1 on this machine: rank 1 SIGKILLed in epoch 2, after epoch 1's checkpoint; the launcher
-    writes the `failed` record (restarted), starts the job again, which resumes from that checkpoint and
-    finishes: exit 0, a report, every step trained."""
+    """--max-requeues 1 on this machine: rank 0 SIGKILLed in epoch 2, after epoch 1's checkpoint (it leaves no
+    result at all, which submitit reports otherwise than a rank's exception); the launcher writes the `failed`
+    record (restarted), starts the job again, which resumes from that checkpoint and finishes: exit 0, a
+    report, every step trained."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "pipeline.submit", "--cluster", "local", "--run-dir", str(run_dir),
                                  "--max-requeues", "1", f"data.shards={shard_dir}", *SMALL, "schedule.epochs=3",
@@ -545,7 +545,7 @@ def test_max_requeues_restarts_a_local_job_whose_rank_was_killed_from_its_newest
         while not any(r["_type"] == "train_iter" and r["step"] >= 18 for r in metrics.read(run_dir / "metrics.jsonl")):
             assert launcher.poll() is None, launcher.communicate()[1][-2000:]
             time.sleep(0.2)
-        os.kill(local_rank(descendants(launcher.pid), 1), signal.SIGKILL)
+        os.kill(local_rank(descendants(launcher.pid), 0), signal.SIGKILL)
         out, err = launcher.communicate(timeout=300)
     finally:
         if launcher.poll() is None:
@@ -554,7 +554,7 @@ def test_max_requeues_restarts_a_local_job_whose_rank_was_killed_from_its_newest
     records = metrics.read(run_dir / "metrics.jsonl")
     kinds = [r["_type"] for r in records]
     failed = records[kinds.index("failed")]
-    assert failed["requeued"] and failed["tasks"][0].startswith("rank 1 was killed by SIGKILL"), failed
+    assert failed["requeued"] and failed["tasks"][0].startswith("rank 0 was killed by SIGKILL"), failed
     assert "restarted from the newest checkpoint (1 of at most 1 restarts)" in err
     resume = records[kinds.index("resume")]
     assert kinds.index("failed") < kinds.index("resume") and resume["step"] == 15 and resume["epoch"] == 1, resume

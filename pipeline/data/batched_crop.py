@@ -30,6 +30,7 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int
     boxes[i] (top, left, height, width), resized to size x size (bilinear, antialiased), flipped where
     flips[i]."""
     device = images[0].device
+    boxes = [inside(box, image.shape[1], image.shape[2]) for box, image in zip(boxes, images)]
     span = max(box[3] for box in boxes)
     # One buffer holding every image, and `span` zeros after them: a window of `span` pixels from any row
     # start stays inside it
@@ -51,6 +52,13 @@ def crop_resize_flip(images: list[torch.Tensor], boxes: list[tuple[int, int, int
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device,
                       memory_format=torch.channels_last)
     return out.index_copy_(0, meta[:, 0], resized[0] if len(resized) == 1 else torch.cat(resized))
+
+
+def inside(box: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """The box cut to the decoded image, as slicing the image would cut it (the CPU path slices): a box drawn on
+    a header's size that the decoder's image does not fill never reads another image's pixels."""
+    top, left = min(box[0], height - 1), min(box[1], width - 1)
+    return top, left, max(1, min(box[2], height - top)), max(1, min(box[3], width - left))
 
 
 def groups(boxes: list[tuple[int, int, int, int]]) -> list[list[int]]:

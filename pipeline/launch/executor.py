@@ -92,7 +92,7 @@ def job_error(job: submitit.Job) -> str | None:
     lines (else its error's last line). The one tail of every job the launcher waits for."""
     try:
         job.results()
-    except submitit.core.utils.FailedJobError as err:
+    except submitit.core.utils.UncompletedJobError as err:  # FailedJobError too; this one where rank 0 left nothing
         parts = str(err).split("----------------------\n")
         lines = (parts[1] if len(parts) >= 3 else str(err)).strip().splitlines()
         return lines[-1].strip() if lines else type(err).__name__

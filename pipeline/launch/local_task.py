@@ -2,8 +2,9 @@
 keeps none (it polls its tasks and drops their codes), so a launcher could not say which rank was killed by
 which signal. The controller starts `python -m pipeline.launch.local_task ARGS` (the executor's `python`)
 in place of `python ARGS`; this process forwards every signal the controller sends to the rank, waits for it,
-writes `<job>_<rank>_exit.json` beside submitit's result files, and exits as the rank did. The rank dies with
-it (pipeline.signals.die_with_parent), whatever kills this process.
+writes `<job>_<rank>_exit.json` beside submitit's result files, and ends as the rank did (of the same signal,
+or with the same status). The rank dies with it, and it with the controller (pipeline.signals.die_with_parent),
+whatever kills either.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def how_it_ended(folder: Path, job_id: str, rank: int) -> str:
     code = json.loads(path.read_text())["exit_code"]
     if code >= 0:
         return f"exited with status {code} before writing its result"
-    name = signal.Signals(-code).name
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:  # a real-time signal has no name
+        name = f"signal {-code}"
     return f"was killed by {name} ({CAUSES.get(name, 'sent from outside')})"
 
 
@@ -50,6 +54,7 @@ def start_rank() -> None:
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()  # a controller killed outright takes this process, and so the rank, with it
     started: list[subprocess.Popen] = []
     # Held back until the rank runs and the handlers can reach it: none is lost, none kills this process.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
@@ -61,8 +66,15 @@ def main(argv: list[str]) -> int:
     code = started[0].wait()
     folder = Path(argv[-1])  # the controller's command ends with submitit's folder
     path = exit_file(folder, os.environ["SUBMITIT_LOCAL_JOB_ID"], int(os.environ["SUBMITIT_LOCAL_GLOBALID"]))
-    path.write_text(json.dumps({"exit_code": code}) + "\n")
-    return code if code >= 0 else 128 - code
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"exit_code": code}) + "\n")
+    partial.replace(path)  # whole or absent, whatever kills this process now
+    if code < 0:  # end as the rank did, of the same signal: 128 + N could read as submitit's requeue code (144)
+        if -code in FORWARDED:
+            signal.signal(-code, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
+        os.kill(os.getpid(), -code)
+    return code if code >= 0 else 128 - code  # a signal whose default is to be ignored
 
 
 if __name__ == "__main__":
