@@ -177,7 +177,7 @@ def decode(work: Path) -> dict:
     from pipeline.config import DataConfig
     from pipeline.data.batched_crop import crop_resize_flip
     from pipeline.data.decode import _resized_crop, decode_full_batch, decode_on_device, stack, torchcodec_decode_jpeg
-    from pipeline.data.manifest import load_index, load_manifest
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.streams import train_batch, train_stream
     from pipeline.data.workers import loader
     from pipeline.shards.convert import convert
@@ -226,7 +226,6 @@ def decode(work: Path) -> dict:
         torch.cuda.synchronize()
         result[key] = 10 * len(images) / (time.perf_counter() - started)
     manifest = load_manifest(shards, "train")
-    load_index(manifest)
     workers = os.cpu_count()
     data = DataConfig(shards=str(shards), train_samples=manifest.num_samples, workers=workers)
     batches_per_epoch = manifest.num_samples // BATCH

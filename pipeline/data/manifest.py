@@ -154,17 +154,26 @@ def write_index(shards_dir: Path, split: str, rows: np.ndarray) -> Path:
     return path
 
 
+# (index file, size, modification time, expected sha256) of the sample indexes whose hash matched in this process
+_INDEXES_CHECKED: set[tuple[str, int, int, str]] = set()
+
+
 def load_index(manifest: Manifest, check: bool = True) -> np.ndarray:
     """The sample index of a manifest's split, memory-mapped (shared by every worker through the page
-    cache), checked against the hash the manifest recorded unless check is False; errors name the file and
-    the one command that adds or repairs it."""
+    cache), checked against the hash the manifest recorded unless check is False (hashed once per process
+    while the file keeps its size and modification time: a rank's stream and the inspect command's stream of
+    every rank ask again); errors name the file and the one command that adds or repairs it."""
     path = index_path(manifest.path.parent, manifest.split)
     fix = f"add it with: python -m pipeline.shards index {manifest.path.parent}"
     if manifest.index_sha256 is None or not path.is_file():
         raise FileNotFoundError(f"{manifest.path} has no sample index ({path}), which random access needs "
                                 f"(data.access=indexed); {fix}, or set data.access=stream")
-    if check and file_sha256(path) != manifest.index_sha256:
-        raise ValueError(f"{path} is not the index {manifest.path} was written with (sha256 differs); {fix}")
+    stat = path.stat()
+    hashed = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, manifest.index_sha256)
+    if check and hashed not in _INDEXES_CHECKED:
+        if file_sha256(path) != manifest.index_sha256:
+            raise ValueError(f"{path} is not the index {manifest.path} was written with (sha256 differs); {fix}")
+        _INDEXES_CHECKED.add(hashed)
     try:
         rows = np.load(path, mmap_mode="r")
     except ValueError as err:
